@@ -1,0 +1,440 @@
+"""A transformers ``Cache`` whose layers are compressed by a :class:`~kvpolicy.policy.Policy`.
+
+Each layer keeps, next to keys and values ``[B, Hkv, S, D]``, per-entry metadata ``[B, Hkv, S]``: the
+logical position of the entry, whether it is valid (padding and filler slots are not), whether it is a
+visual token, and an optional additive attention bias (``log`` of the number of tokens a merged entry
+stands for). The cache counts the tokens it has seen (``n_seen``) apart from its physical length:
+``get_seq_length()`` returns ``n_seen``, so transformers gives new tokens their true positions; the
+kvpolicy attention function (:mod:`kvpolicy.integrate`) builds each layer's mask from the metadata, so
+layers of different physical lengths and multi-token forwards after compression are both exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvpolicy import observe, ops, tracing
+from kvpolicy.errors import CacheUsageError
+from kvpolicy.policy import (Compact, CompressionContext, DecodeView, KeepIndices, LayerBudget, Merged, Policy,
+                             Selection)
+
+
+@dataclass
+class ForwardInfo:
+    """Per-forward facts the model hook gives the cache: validity and modality of the new tokens."""
+
+    q_len: int
+    valid: Tensor | None = None  # [B, q] bool
+    is_image: Tensor | None = None  # [B, q] bool
+
+
+class KVPolicyLayer(DynamicLayer):
+    """One layer's compressed cache. Metadata tensors are ``[B, Hkv, S]``."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.positions: Tensor | None = None
+        self.valid: Tensor | None = None
+        self.is_image: Tensor | None = None
+        self.bias: Tensor | None = None  # fp32 log-multiplicity bias, None when all zero
+        self.mult: Tensor | None = None  # fp32 tokens per entry, None when all one
+        self.acc: Tensor | None = None  # accumulated attention (decode-time H2O accumulation)
+        self.qbuf: Tensor | None = None  # [B, H, w, D] recent queries
+        self.qbuf_pos: Tensor | None = None  # [B, w]
+        self.n_seen = 0
+        self.image_seen = 0  # valid visual tokens appended, summed over the batch
+        self.scaling: float | None = None
+        self.n_before = 0  # n_seen before the current forward
+        self.pending = False  # compress after this forward's attention
+        self.state: dict[str, Any] = {}
+        self.events: list[tracing.CompressionEvent] = []
+
+    # --- transformers layer API
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n_seen + query_length, 0
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx)
+
+    def _per_entry(self) -> list[str]:
+        return ["keys", "values", "positions", "valid", "is_image", "bias", "mult", "acc"]
+
+    def _map_batch(self, fn) -> None:  # noqa: ANN001
+        for name in self._per_entry() + ["qbuf", "qbuf_pos"]:
+            t = getattr(self, name)
+            if t is not None and t.numel() > 0:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove >= 0:
+            raise CacheUsageError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if self.positions is not None and int(self.positions[..., -n:].min()) < self.n_seen - n:
+            raise CacheUsageError("cannot crop compressed entries: only tokens appended since the last "
+                                  "compression can be removed")
+        for name in self._per_entry():
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[..., :-n, :] if name in ("keys", "values") else t[..., :-n])
+        self.n_seen -= n
+
+    # --- appending
+    def append(self, key_states: Tensor, value_states: Tensor, info: ForwardInfo) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        dev = key_states.device
+        pos = torch.arange(self.n_seen, self.n_seen + q, device=dev).expand(b, h, q)
+        valid = (info.valid.to(dev) if info.valid is not None and info.valid.shape == (b, q)
+                 else torch.ones(b, q, dtype=torch.bool, device=dev))
+        img = (info.is_image.to(dev) if info.is_image is not None and info.is_image.shape == (b, q)
+               else torch.zeros(b, q, dtype=torch.bool, device=dev))
+        valid = valid[:, None, :].expand(b, h, q)
+        img = img[:, None, :].expand(b, h, q)
+        if self.positions is None or self.physical_length == 0:
+            self.keys, self.values = key_states, value_states
+            self.positions, self.valid, self.is_image = pos.contiguous(), valid.contiguous(), img.contiguous()
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.positions = torch.cat([self.positions, pos], dim=-1)
+            self.valid = torch.cat([self.valid, valid], dim=-1)
+            self.is_image = torch.cat([self.is_image, img], dim=-1)
+            if self.bias is not None:
+                self.bias = torch.cat([self.bias, self.bias.new_zeros(b, h, q)], dim=-1)
+            if self.mult is not None:
+                self.mult = torch.cat([self.mult, self.mult.new_ones(b, h, q)], dim=-1)
+            if self.acc is not None:
+                self.acc = torch.cat([self.acc, self.acc.new_zeros(b, h, q)], dim=-1)
+        self.image_seen += int((valid[:, 0] & img[:, 0]).sum())
+        self.n_before = self.n_seen
+        self.n_seen += q
+
+    def attention_mask(self, q_len: int, query_valid: Tensor | None) -> Tensor | None:
+        """Additive fp32 mask ``[B, Hkv or 1, q, S]`` for this forward, or None if plain causal suffices.
+
+        Old entries are visible to every new query (their positions are all earlier) unless invalid; new
+        entries are causal among themselves; a query always sees itself (no empty softmax rows).
+        """
+        s = self.physical_length
+        old = s - q_len
+        per_head = self.bias is not None or (old > 0 and not bool(self.valid[:, :, :old].all()))
+        new_valid = self.valid[:, 0, old:]  # [B, q]
+        pads = not bool(new_valid.all())
+        if not per_head and not pads and (q_len == 1 or old == 0):
+            return None  # q == 1 sees everything; a fresh prefill is plain causal
+        dev = self.keys.device
+        qi = torch.arange(q_len, device=dev)
+        ki = torch.arange(s, device=dev)
+        causal = (ki[None, :] < old) | ((ki[None, :] - old) <= qi[:, None])  # [q, S]
+        if per_head:
+            vis = self.valid[:, :, None, :] & causal[None, None]  # [B, Hkv, q, S]
+        else:
+            vis = self.valid[:, :1, None, :] & causal[None, None]  # [B, 1, q, S]
+        diag = torch.zeros(q_len, s, dtype=torch.bool, device=dev)
+        diag[qi, old + qi] = True
+        vis = vis | diag
+        mask = torch.zeros(vis.shape, dtype=torch.float32, device=dev).masked_fill_(~vis, float("-inf"))
+        if self.bias is not None:
+            mask += self.bias[:, :, None, :]
+        return mask
+
+    def remember_queries(self, query: Tensor, window: int) -> None:
+        """Keep the last ``window`` queries ``[B, H, w, D]`` for decode-time observations."""
+        b, _, q, _ = query.shape
+        pos = torch.arange(self.n_before, self.n_before + q, device=query.device).expand(b, q)
+        if self.qbuf is None or q >= window:
+            self.qbuf, self.qbuf_pos = query[:, :, -window:].detach(), pos[:, -window:]
+        else:
+            self.qbuf = torch.cat([self.qbuf, query.detach()], dim=2)[:, :, -window:]
+            self.qbuf_pos = torch.cat([self.qbuf_pos, pos], dim=1)[:, -window:]
+
+    # --- compression
+    def apply(self, selection: Selection, merged: Merged | None) -> None:
+        """Replace the layer by the selected (and merged) entries."""
+        idx = ops.expand_heads(selection.indices, self.keys.shape[1])
+        kept = ops.expand_heads(selection.kept, self.keys.shape[1])
+        if merged is None:
+            self.keys = ops.gather_seq(self.keys, idx)
+            self.values = ops.gather_seq(self.values, idx)
+        else:
+            self.keys, self.values = merged.keys.contiguous(), merged.values.contiguous()
+        self.positions = ops.gather_seq(self.positions, idx)
+        self.valid = ops.gather_seq(self.valid, idx) & kept
+        self.is_image = ops.gather_seq(self.is_image, idx)
+        if self.acc is not None:
+            self.acc = ops.gather_seq(self.acc, idx)
+        if merged is not None and merged.multiplicity is not None:
+            self.mult = merged.multiplicity.float()
+        elif self.mult is not None:
+            self.mult = ops.gather_seq(self.mult, idx)
+        if merged is not None and merged.bias is not None:
+            self.bias = merged.bias.float()
+        elif self.bias is not None:
+            self.bias = ops.gather_seq(self.bias, idx)
+
+
+class KVPolicyCache(Cache):
+    """The cache that :func:`kvpolicy.compress` hands to ``model.generate(past_key_values=...)``."""
+
+    def __init__(self, policy: Policy, n_layers: int, *, kv_heads: int | None = None) -> None:
+        super().__init__(layers=[KVPolicyLayer(i) for i in range(n_layers)])
+        self.policy = policy
+        self.n_layers = n_layers
+        self.kv_heads = kv_heads
+        self._info: ForwardInfo | None = None
+        self._budgets: list[LayerBudget] | None = None
+        self.seen_valid: Tensor | None = None  # [B] valid tokens seen per row
+        self.bound = False
+        self.modality: Tensor | None = None  # [B, L] bool override for the next prefill (True = visual)
+        obs = policy.observations
+        self._keep_acc = policy.decode.compacts and "accumulated_attention" in obs
+        self._qwindow = policy.decode.query_window if policy.decode.compacts else 0
+
+    # --- called by the model hook (kvpolicy.integrate) before each forward
+    def begin_forward(self, q_len: int, valid: Tensor | None, is_image: Tensor | None) -> None:
+        """Register the new tokens of a forward; validate every layer's budget before anything changes."""
+        self._info = ForwardInfo(q_len=q_len, valid=valid, is_image=is_image)
+        new_valid = (valid.sum(-1).long() if valid is not None else None)
+        if self.seen_valid is None:
+            self.seen_valid = new_valid if new_valid is not None else torch.tensor([q_len])
+        else:
+            add = new_valid.to(self.seen_valid.device) if new_valid is not None else q_len
+            self.seen_valid = self.seen_valid + add
+        self._budgets = None
+        if q_len > 1:  # a prefill event: resolve (and check) all budgets now, before layer 0 compresses
+            self._budgets = [self.policy.layer_budget(i, self.n_layers, self.seen_valid.cpu())
+                             for i in range(self.n_layers)]
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.bound:
+            raise CacheUsageError("this KVPolicyCache is not attached to a model: create it with "
+                                  "`with kvpolicy.compress(model, policy) as cache:` and use it inside the block")
+        layer: KVPolicyLayer = self.layers[layer_idx]
+        q = key_states.shape[-2]
+        info = self._info if self._info is not None and self._info.q_len == q else ForwardInfo(q_len=q)
+        if q == 1 and layer.physical_length > 0:
+            self._decode_step(layer)
+        layer.append(key_states, value_states, info)
+        layer.pending = q > 1
+        return layer.keys, layer.values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].n_seen if layer_idx < len(self.layers) else 0
+
+    # --- called by the attention function after a layer's attention
+    def after_attention(self, layer_idx: int, query: Tensor, scaling: float) -> None:
+        layer: KVPolicyLayer = self.layers[layer_idx]
+        layer.scaling = scaling
+        if self._qwindow:
+            layer.remember_queries(query, self._qwindow)
+        if layer.pending:
+            layer.pending = False
+            self._compress_prefill(layer, query, scaling)
+        elif self._keep_acc and layer.acc is not None:
+            qpos = torch.full((query.shape[0], query.shape[2]), layer.n_seen - 1, device=query.device)
+            layer.acc = layer.acc + observe.attention_colsum(
+                query, layer.keys, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
+                key_bias=_bias_with_validity(layer))
+
+    def _ctx(self, layer: KVPolicyLayer, phase: str, budget: LayerBudget, scaling: float, **kw: Any
+             ) -> CompressionContext:
+        return CompressionContext(
+            layer_idx=layer.layer_idx, n_layers=self.n_layers, phase=phase, keys=layer.keys,
+            values=layer.values, positions=layer.positions, valid=layer.valid, is_image=layer.is_image,
+            budget=budget, scaling=scaling, key_bias=_bias_with_validity(layer), accumulated=layer.acc,
+            multiplicity=layer.mult, state=layer.state, **kw)
+
+    def _compress_prefill(self, layer: KVPolicyLayer, query: Tensor, scaling: float) -> None:
+        budget = self._budgets[layer.layer_idx] if self._budgets is not None else self.policy.layer_budget(
+            layer.layer_idx, self.n_layers, self.seen_valid.cpu())
+        b, _, q, _ = query.shape
+        qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q)
+        qvalid = layer.valid[:, 0, -q:]
+        ctx = self._ctx(layer, "prefill", budget, scaling, queries=query, query_pos=qpos, query_valid=qvalid)
+        physical_valid = layer.valid[:, 0].sum(-1).cpu()
+        if bool((budget.total >= physical_valid).all()):
+            if self._keep_acc:
+                layer.acc = ctx.accumulated_attention()
+            self._notify_prefill(layer)
+            return
+        self._run_policy(layer, ctx, "prefill", "compress")
+        self._notify_prefill(layer)
+
+    def _notify_prefill(self, layer: KVPolicyLayer) -> None:
+        self.policy.decode.on_prefill(self._view(layer))
+
+    def _view(self, layer: KVPolicyLayer) -> DecodeView:
+        n_valid = self.seen_valid.cpu()
+        target = int(self.policy.layer_budget(layer.layer_idx, self.n_layers, n_valid).total.max())
+        return DecodeView(layer_idx=layer.layer_idx, n_layers=self.n_layers, n_seen=layer.n_seen,
+                          length=layer.physical_length, target=target, state=layer.state)
+
+    def _run_policy(self, layer: KVPolicyLayer, ctx: CompressionContext, phase: str, event_name: str) -> None:
+        ev = self._event(layer, phase, event_name)
+        with tracing.compress_span(ev):
+            selection, merged = self.policy.compress(ctx)
+            if self._keep_acc:
+                layer.acc = ctx.accumulated_attention()
+            self._finish_event(layer, ev, selection, merged, ctx.figures)
+
+    def _event(self, layer: KVPolicyLayer, phase: str, event_name: str) -> tracing.CompressionEvent:
+        p = self.policy
+        ev = tracing.CompressionEvent(layer=layer.layer_idx, phase=phase, policy=p.name, scorer=p.scorer.name,
+                                      merger=p.merger.name, event=event_name)
+        ev.tokens_in = int(layer.valid[:, 0].sum())
+        ev.image_tokens_in = int((layer.valid[:, 0] & layer.is_image[:, 0]).sum())
+        ev.bytes_before = _kv_bytes(layer)
+        return ev
+
+    def _finish_event(self, layer: KVPolicyLayer, ev: tracing.CompressionEvent, selection: Selection,
+                      merged: Merged | None, figures: dict[str, Any]) -> None:
+        layer.apply(selection, merged)
+        ev.tokens_kept = int(layer.valid[:, 0].sum())
+        ev.image_tokens_kept = int((layer.valid[:, 0] & layer.is_image[:, 0]).sum())
+        ev.tokens_merged = int(merged.merged) if merged is not None else 0
+        ev.tokens_dropped = ev.tokens_in - ev.tokens_kept - ev.tokens_merged
+        ev.bytes_after = _kv_bytes(layer)
+        ev.figures = dict(figures)
+        layer.events.append(ev)
+
+    def _decode_step(self, layer: KVPolicyLayer) -> None:
+        action = self.policy.decode.on_decode(self._view(layer))
+        if action is None:
+            return
+        if isinstance(action, KeepIndices):
+            ev = self._event(layer, "decode", action.event)
+            with tracing.compress_span(ev):
+                idx = action.indices
+                sel = Selection(indices=idx, kept=torch.ones_like(idx, dtype=torch.bool))
+                self._finish_event(layer, ev, sel, None, {})
+            return
+        if isinstance(action, Compact):
+            n_valid = self.seen_valid.cpu()
+            budget = self.policy.layer_budget(layer.layer_idx, self.n_layers, n_valid)
+            kw: dict[str, Any] = {}
+            if layer.qbuf is not None:
+                kw = dict(queries=layer.qbuf, query_pos=layer.qbuf_pos)
+            ctx = self._ctx(layer, "decode", budget, _scaling(layer), **kw)
+            self._run_policy(layer, ctx, "decode", "compact")
+            return
+        raise CacheUsageError(f"decode rule {self.policy.decode.name!r} returned {action!r}; allowed: "
+                              f"None, Compact() or KeepIndices(indices)")
+
+    # --- reporting
+    def report(self) -> CacheReport:
+        """Per-layer figures: tokens seen / kept / merged, KV bytes before / after, time compressing."""
+        rows = []
+        for layer in self.layers:
+            if layer.keys is None:
+                continue
+            evs = layer.events
+            b, h, _, d = layer.keys.shape
+            full = b * h * layer.n_seen * d * layer.keys.element_size() * 2
+            rows.append(LayerReport(
+                layer=layer.layer_idx, tokens_seen=layer.n_seen, entries=layer.physical_length,
+                tokens_kept=int(layer.valid[:, 0].sum()) // max(1, b),
+                tokens_merged=sum(e.tokens_merged for e in evs) // max(1, b),
+                image_tokens_in=layer.image_seen // max(1, b),
+                image_tokens_kept=int((layer.valid[:, 0] & layer.is_image[:, 0]).sum()) // max(1, b),
+                bytes_full=full, bytes_now=_kv_bytes(layer), seconds=sum(e.seconds for e in evs),
+                events=len(evs)))
+        return CacheReport(policy=self.policy.name, layers=rows)
+
+
+def _kv_bytes(layer: KVPolicyLayer) -> int:
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+
+
+def _scaling(layer: KVPolicyLayer) -> float:
+    return layer.scaling if layer.scaling is not None else layer.keys.shape[-1] ** -0.5
+
+
+def _bias_with_validity(layer: KVPolicyLayer) -> Tensor | None:
+    if layer.bias is None and bool(layer.valid.all()):
+        return None
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.valid.shape, device=layer.keys.device)
+    return bias.masked_fill(~layer.valid, float("-inf"))
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    tokens_seen: int
+    entries: int  # physical entries per (row, head)
+    tokens_kept: int  # valid entries per row (mean over the batch)
+    tokens_merged: int
+    image_tokens_in: int
+    image_tokens_kept: int
+    bytes_full: int  # KV bytes an uncompressed cache would hold now
+    bytes_now: int
+    seconds: float
+    events: int
+
+
+@dataclass
+class CacheReport:
+    """Per-layer report; ``str(report)`` renders a table."""
+
+    policy: str
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def bytes_full(self) -> int:
+        return sum(r.bytes_full for r in self.layers)
+
+    @property
+    def bytes_now(self) -> int:
+        return sum(r.bytes_now for r in self.layers)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.layers)
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        from dataclasses import asdict
+        return [asdict(r) for r in self.layers]
+
+    def __str__(self) -> str:
+        head = (f"{'layer':>5} {'seen':>6} {'kept':>6} {'merged':>6} {'img in':>6} {'img kept':>8} "
+                f"{'KV full':>10} {'KV now':>10} {'ms':>8}")
+        lines = [f"kvpolicy cache report - policy {self.policy}", head]
+        for r in self.layers:
+            lines.append(f"{r.layer:>5} {r.tokens_seen:>6} {r.tokens_kept:>6} {r.tokens_merged:>6} "
+                         f"{r.image_tokens_in:>6} {r.image_tokens_kept:>8} {_fmt_bytes(r.bytes_full):>10} "
+                         f"{_fmt_bytes(r.bytes_now):>10} {r.seconds * 1e3:>8.1f}")
+        ratio = self.bytes_now / self.bytes_full if self.bytes_full else 1.0
+        lines.append(f"total: KV {_fmt_bytes(self.bytes_full)} -> {_fmt_bytes(self.bytes_now)} "
+                     f"({ratio:.1%}), compression time {self.seconds * 1e3:.1f} ms")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,37 @@
+"""The plugin contract: hook specifications a kvpolicy plugin implements.
+
+A plugin is a module (or object) with functions decorated by :data:`kvpolicy.hookimpl`, exposed by
+its distribution under the ``kvpolicy`` entry-point group::
+
+    [project.entry-points.kvpolicy]
+    my_plugin = "my_package.plugin"
+
+Both hooks are called once, when the registry loads; each implementation returns a list (possibly
+empty). Components are registered under ``(kind, name)``; presets under their name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from kvpolicy.policy import Component
+    from kvpolicy.registry import Preset
+
+PROJECT = "kvpolicy"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def kvpolicy_components() -> list[type[Component]]:
+    """Return component classes: subclasses of :class:`~kvpolicy.policy.Scorer`, ``Prior``, ``Selector``,
+    ``Merger``, ``DecodeRule`` or ``LayerSchedule``, each with a class attribute ``name`` unique within
+    its kind. The class's pydantic fields are its parameters; its docstring's first line describes it."""
+
+
+@hookspec
+def kvpolicy_presets() -> list[Preset]:
+    """Return :class:`~kvpolicy.registry.Preset` objects: named, complete policy configurations."""

@@ -1,0 +1,182 @@
+"""Attaching a :class:`~kvpolicy.cache.KVPolicyCache` to a transformers model.
+
+:func:`compress` registers the ``"kvpolicy"`` attention function with transformers' attention
+interface, switches the language model's attention modules to it for the duration of the block, and
+adds a forward pre-hook on the model that tells the cache which new tokens are padding and which are
+visual. The attention function computes each layer's attention (SDPA) with a mask built from the
+cache's per-entry metadata, then lets the cache compress that layer right away: peak memory holds one
+full layer plus the compressed ones. On exit the model is restored exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+
+from kvpolicy import tracing
+from kvpolicy.cache import KVPolicyCache
+from kvpolicy.errors import CacheUsageError, UnsupportedModelError
+from kvpolicy.policy import Policy
+
+ATTN_NAME = "kvpolicy"
+_BINDINGS: dict[int, KVPolicyCache] = {}
+_VISUAL_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float, causal: bool) -> Tensor:
+    """Attention of ``query [B, H, q, D]`` over ``key/value [B, Hkv, S, D]`` (GQA aware).
+
+    ``mask`` is additive fp32 ``[B, 1 or Hkv, q, S]``; a per-KV-head mask is applied by folding each
+    head's query group into the query axis, so no ``repeat_kv`` copy of the cache is made.
+    Returns ``[B, H, q, D]``.
+    """
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    if mask is None or mask.shape[1] == 1:
+        m = mask.to(query.dtype) if mask is not None else None
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=m, is_causal=causal and m is None,
+                                              scale=scaling, enable_gqa=g > 1)
+    s = key.shape[2]
+    qf = query.reshape(b, hkv, g * q, d)
+    mf = mask.to(query.dtype)[:, :, None].expand(b, hkv, g, q, s).reshape(b, hkv, g * q, s)
+    out = F.scaled_dot_product_attention(qf, key, value, attn_mask=mf, scale=scaling)
+    return out.reshape(b, h, q, d)
+
+
+def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs: Any) -> tuple[Tensor, None]:
+    """The attention function registered as ``"kvpolicy"`` (transformers' AttentionInterface signature)."""
+    cache = _BINDINGS.get(id(module))
+    if cache is None:
+        raise CacheUsageError("the 'kvpolicy' attention implementation only runs inside "
+                              "`with kvpolicy.compress(model, policy) as cache:`")
+    layer_idx = module.layer_idx
+    layer = cache.layers[layer_idx]
+    if layer.keys is not key:
+        raise CacheUsageError(f"layer {layer_idx} attended over keys that are not the kvpolicy cache's: inside "
+                              f"kvpolicy.compress(), pass past_key_values=cache to generate()/forward()")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q_len = query.shape[2]
+    mask = layer.attention_mask(q_len, None)
+    out = sdpa(query, key, value, mask, scale, causal=q_len > 1)
+    cache.after_attention(layer_idx, query, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, kvpolicy_attention)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The decoder self-attention modules of the language model, in layer order."""
+    found = [m for m in model.modules()
+             if isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", False)
+             and hasattr(m, "config")]
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def check_model(model: nn.Module) -> tuple[Any, list[nn.Module]]:
+    """Return ``(text_config, attention modules)`` or raise :class:`UnsupportedModelError`."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers PreTrainedModel; allowed: "
+                                    f"decoder-only causal LMs and vision-language models from transformers")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; kvpolicy serves "
+                                    f"decoder-only language models (and VLMs built on one)")
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        bad = sorted({t for t in types if t != "full_attention"})
+        if bad:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has layers of type {bad}; the kvpolicy cache serves only "
+                f"'full_attention' layers (sliding-window, chunked and linear-attention layers are not supported)")
+    elif getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        raise UnsupportedModelError(f"{type(model).__name__} uses sliding-window attention "
+                                    f"(sliding_window={text.sliding_window}); only full attention is supported")
+    mods = attention_modules(model)
+    n = getattr(text, "num_hidden_layers", None)
+    if not mods or n is None or len(mods) != n or [m.layer_idx for m in mods] != list(range(n)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: found {len(mods)} causal self-attention modules with a layer_idx for "
+            f"num_hidden_layers={n}; kvpolicy needs exactly one per layer (models that share KV across layers "
+            f"or have no layer_idx are not supported)")
+    return text, mods
+
+
+def visual_token_ids(model: nn.Module) -> list[int]:
+    """Token ids that mark visual positions (image / video placeholders expanded in ``input_ids``)."""
+    ids: list[int] = []
+    for cfg in (model.config, model.config.get_text_config(decoder=True)):
+        for attr in _VISUAL_TOKEN_ATTRS:
+            v = getattr(cfg, attr, None)
+            if isinstance(v, int) and v >= 0 and v not in ids:
+                ids.append(v)
+    return ids
+
+
+@contextmanager
+def compress(model: nn.Module, policy: Policy | str | dict | Any, **overrides: Any) -> Iterator[KVPolicyCache]:
+    """Compress ``model``'s KV cache with ``policy`` inside the block.
+
+    ``policy`` is a :class:`~kvpolicy.policy.Policy` or anything :func:`kvpolicy.load_policy` takes
+    (then ``overrides`` such as ``budget=0.2`` apply). Yields the cache to pass as
+    ``model.generate(..., past_key_values=cache)`` or ``model(..., past_key_values=cache)``.
+    Set ``cache.modality`` to a ``[B, L]`` bool mask (True = visual) to override modality detection.
+    """
+    from kvpolicy.config import load_policy
+
+    if not isinstance(policy, Policy):
+        policy = load_policy(policy, **overrides)
+    elif overrides:
+        policy = load_policy(policy.to_config(), **overrides)
+    text, mods = check_model(model)
+    for m in mods:
+        if id(m) in _BINDINGS:
+            raise CacheUsageError("this model is already inside a kvpolicy.compress() block; nest nothing")
+    cache = KVPolicyCache(policy, len(mods), kv_heads=getattr(text, "num_key_value_heads", None))
+    visual = visual_token_ids(model)
+    configs = {id(m.config): m.config for m in mods}
+    saved = {k: c._attn_implementation_internal for k, c in configs.items()}
+
+    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        passed = kwargs.get("past_key_values", kwargs.get("cache"))
+        if passed is not cache:
+            raise CacheUsageError("inside kvpolicy.compress(), call the model with past_key_values=cache "
+                                  f"(got {type(passed).__name__})")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        q_len = ids.shape[1] if ids is not None else emb.shape[1]
+        am = kwargs.get("attention_mask")
+        valid = am[:, -q_len:].bool() if isinstance(am, Tensor) and am.dim() == 2 else None
+        is_image = None
+        if cache.modality is not None and cache.modality.shape[-1] == q_len:
+            is_image, cache.modality = cache.modality.bool(), None
+        elif ids is not None and visual:
+            is_image = torch.isin(ids, torch.tensor(visual, device=ids.device))
+        cache.begin_forward(q_len, valid, is_image)
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for c in configs.values():
+            c._attn_implementation_internal = ATTN_NAME
+        for m in mods:
+            _BINDINGS[id(m)] = cache
+        cache.bound = True
+        with tracing.generate_span(policy.name):
+            yield cache
+    finally:
+        cache.bound = False
+        handle.remove()
+        for m in mods:
+            _BINDINGS.pop(id(m), None)
+        for k, c in configs.items():
+            c._attn_implementation_internal = saved[k]

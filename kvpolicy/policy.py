@@ -1,0 +1,403 @@
+"""The policy interface: score -> (prior) -> select -> merge, plus budget, decode rule and layer schedule.
+
+Each step is a small pydantic model (its fields are its typed parameters) with one method. Steps are
+pure functions of the tensors in a :class:`CompressionContext`; per-layer state lives in the cache.
+
+Shapes: keys/values ``[B, Hkv, S, D]``; per-entry tensors ``[B, Hkv, S]`` (or ``[B, 1, S]`` for a
+decision shared by all heads of a layer); scores are fp32, higher means more important.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from kvpolicy import observe, ops
+from kvpolicy.errors import BudgetError, ConfigError
+
+Phase = Literal["prefill", "decode"]
+
+
+# --------------------------------------------------------------------------------------------- budget
+class Budget(BaseModel):
+    """How many cache entries a layer keeps after compression.
+
+    Exactly one of ``ratio`` (share of the valid tokens seen, in ``(0, 1]``) or ``tokens`` (a count).
+    ``sink``: the first valid tokens, always kept. ``recent``: the last tokens, always kept, as a share
+    of the budget (a float in ``[0, 1]``) or a count (an int). Sinks and the recent window are part of the
+    budget, not added to it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ratio: float | None = Field(default=None, gt=0, le=1)
+    tokens: int | None = Field(default=None, ge=1)
+    sink: int = Field(default=4, ge=0)
+    recent: int | float = Field(default=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Budget:
+        if (self.ratio is None) == (self.tokens is None):
+            raise ValueError(
+                f"give exactly one of budget.ratio (a share in (0, 1]) or budget.tokens (a count >= 1); "
+                f"got ratio={self.ratio!r}, tokens={self.tokens!r}")
+        if isinstance(self.recent, float) and not 0.0 <= self.recent <= 1.0:
+            raise ValueError(f"budget.recent={self.recent!r}: a share must be in [0, 1]; use an int for a count")
+        if isinstance(self.recent, int) and self.recent < 0:
+            raise ValueError(f"budget.recent={self.recent!r}: a token count must be >= 0")
+        if self.tokens is not None and isinstance(self.recent, int) and self.recent > self.tokens:
+            raise ValueError(
+                f"budget.recent={self.recent} tokens is larger than the budget of {self.tokens} tokens; "
+                f"allowed: 0 <= recent <= tokens")
+        return self
+
+    def describe(self) -> str:
+        size = f"ratio {self.ratio}" if self.ratio is not None else f"{self.tokens} tokens"
+        return f"{size}, sink {self.sink}, recent {self.recent}"
+
+    def total(self, n_valid: Tensor) -> Tensor:
+        """Entries each row keeps, ``[B]`` long, before the layer schedule (capped at ``n_valid``)."""
+        if self.ratio is not None:
+            t = (n_valid.double() * self.ratio).floor().long()
+        else:
+            t = torch.full_like(n_valid, self.tokens)
+        return torch.minimum(t.clamp_min(1), n_valid)
+
+    def recent_count(self, total: Tensor) -> Tensor:
+        """Recent-window size per row for a row budget ``total`` ``[B]``."""
+        if isinstance(self.recent, float):
+            return (total.double() * self.recent).floor().long()
+        return torch.full_like(total, self.recent)
+
+
+@dataclass
+class LayerBudget:
+    """A budget resolved for one layer and one event: per-row totals and protected parts."""
+
+    total: Tensor  # [B] long, entries kept per row
+    sink: int
+    recent: Tensor  # [B] long
+
+    def check(self, budget: Budget, n_valid: Tensor, layer_idx: int) -> None:
+        compressing = self.total < n_valid
+        if bool((compressing & (self.recent > self.total)).any()):
+            b = int(torch.nonzero(compressing & (self.recent > self.total))[0])
+            raise BudgetError(
+                f"layer {layer_idx}: recent window of {int(self.recent[b])} tokens is larger than the budget of "
+                f"{int(self.total[b])} entries for a {int(n_valid[b])}-token sequence ({budget.describe()}); "
+                f"allowed: recent <= budget (use a share such as recent: 0.5)")
+
+
+# --------------------------------------------------------------------------------------------- context
+@dataclass
+class CompressionContext:
+    """Everything a step may look at when one layer is compressed.
+
+    Observations (attention statistics, key norms) are computed on first request and memoised, so a
+    statistic nobody asks for costs nothing.
+    """
+
+    layer_idx: int
+    n_layers: int
+    phase: Phase
+    keys: Tensor  # [B, Hkv, S, D]
+    values: Tensor  # [B, Hkv, S, D]
+    positions: Tensor  # [B, Hkv, S] long, logical position of each entry
+    valid: Tensor  # [B, Hkv, S] bool
+    is_image: Tensor  # [B, Hkv, S] bool, entry holds a visual (image or video) token
+    budget: LayerBudget
+    scaling: float
+    queries: Tensor | None = None  # [B, H, Q, D] post-RoPE
+    query_pos: Tensor | None = None  # [B, Q] long
+    query_valid: Tensor | None = None  # [B, Q] bool
+    key_bias: Tensor | None = None  # [B, Hkv, S] fp32 (-inf invalid, log n merged)
+    accumulated: Tensor | None = None  # [B, Hkv, S] fp32, attention accumulated before this event
+    multiplicity: Tensor | None = None  # [B, Hkv, S] fp32, tokens each entry stands for
+    state: dict[str, Any] = field(default_factory=dict)  # per-layer state of the policy's steps
+    figures: dict[str, Any] = field(default_factory=dict)  # what the steps report (traced)
+    _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        b, h, s, _ = self.keys.shape
+        return b, h, s
+
+    def _need_queries(self, what: str) -> Tensor:
+        if self.queries is None or self.query_pos is None:
+            raise ConfigError(
+                f"{what} needs the queries of this event, which are not kept in the {self.phase} phase; "
+                f"use a decode rule that keeps a query window (e.g. rolling) or a scorer that needs no queries")
+        return self.queries
+
+    def _colsum(self, q: Tensor, qpos: Tensor, qvalid: Tensor | None) -> Tensor:
+        return observe.attention_colsum(q, self.keys, scaling=self.scaling, query_pos=qpos,
+                                        key_pos=self.positions, key_bias=self.key_bias, query_valid=qvalid)
+
+    def accumulated_attention(self) -> Tensor:
+        """``[B, Hkv, S]``: attention each entry received from all queries so far (H2O's score)."""
+        if "acc" not in self._memo:
+            if self.phase == "decode" and self.accumulated is not None:
+                self._memo["acc"] = self.accumulated
+            else:
+                q = self._need_queries("accumulated attention")
+                acc = self._colsum(q, self.query_pos, self.query_valid)
+                if self.accumulated is not None:
+                    acc = acc + self.accumulated
+                self._memo["acc"] = acc
+        return self._memo["acc"]
+
+    def window_attention(self, window: int) -> Tensor:
+        """``[B, Hkv, S]``: attention summed over the last ``window`` queries (SnapKV's observation)."""
+        key = ("win", window)
+        if key not in self._memo:
+            q = self._need_queries(f"window attention (window {window})")
+            w = min(window, q.shape[2])
+            qv = None if self.query_valid is None else self.query_valid[:, -w:]
+            self._memo[key] = self._colsum(q[:, :, -w:], self.query_pos[:, -w:], qv)
+        return self._memo[key]
+
+    def last_query_attention(self) -> Tensor:
+        """``[B, Hkv, S]``: attention of the last query (TOVA's observation)."""
+        return self.window_attention(1)
+
+    def key_norms(self) -> Tensor:
+        """``[B, Hkv, S]`` fp32 key norms."""
+        if "knorm" not in self._memo:
+            self._memo["knorm"] = observe.key_norms(self.keys)
+        return self._memo["knorm"]
+
+    def valid_count(self) -> Tensor:
+        """``[B]`` valid entries per row (all heads hold the same number)."""
+        return self.valid[:, 0].sum(-1)
+
+
+@dataclass
+class Selection:
+    """Which entries a layer keeps: ``indices [B, Hs, K]`` ascending, ``kept [B, Hs, K]`` (False = filler)."""
+
+    indices: Tensor
+    kept: Tensor
+
+
+@dataclass
+class Merged:
+    """What a merger returns for the kept slots: keys/values ``[B, Hkv, K, D]``.
+
+    ``multiplicity`` ``[B, Hkv, K]`` (tokens each entry now stands for) is set by mass-preserving
+    mergers; ``bias`` ``[B, Hkv, K]`` is an additive attention logit bias the cache will apply.
+    """
+
+    keys: Tensor
+    values: Tensor
+    merged: int = 0
+    multiplicity: Tensor | None = None
+    bias: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------- steps
+class Component(BaseModel):
+    """Base of every policy step. Fields are the step's parameters (validated, JSON-Schema-exported)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    #: observations the step asks for: "accumulated_attention", "window_attention", "key_norms", ...
+    observations: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def description(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def spec(self) -> dict[str, Any]:
+        """``{"name": ..., **params}``, the form used in config files."""
+        return {"name": self.name, **self.model_dump(mode="json")}
+
+
+class Scorer(Component):
+    """Importance of every entry of a layer."""
+
+    kind: ClassVar[str] = "scorer"
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        """Return ``[B, Hkv or 1, S]`` fp32 scores, higher = keep."""
+        raise NotImplementedError
+
+
+class Prior(Component):
+    """A priority class per entry, ranked before the score (e.g. LOOK-M's text prior)."""
+
+    kind: ClassVar[str] = "prior"
+
+    def priority(self, ctx: CompressionContext) -> Tensor:
+        """Return ``[B, Hkv or 1, S]`` integer-valued priorities (higher is kept first)."""
+        raise NotImplementedError
+
+
+class Selector(Component):
+    """Which entries to keep under the layer budget."""
+
+    kind: ClassVar[str] = "selector"
+
+    def select(self, ctx: CompressionContext, scores: Tensor, priority: Tensor | None) -> Selection:
+        raise NotImplementedError
+
+
+class Merger(Component):
+    """Folds evicted entries into kept ones (or just gathers the kept ones)."""
+
+    kind: ClassVar[str] = "merger"
+
+    def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
+        raise NotImplementedError
+
+
+@dataclass
+class DecodeView:
+    """What a decode rule sees before a new token is appended to a layer."""
+
+    layer_idx: int
+    n_layers: int
+    n_seen: int  # logical tokens seen before this forward
+    length: int  # physical entries now
+    target: int  # entries the policy's budget allows at ``n_seen`` (max over rows)
+    state: dict[str, Any]
+
+
+@dataclass
+class Compact:
+    """Decode action: run the policy's score/select/merge to shrink the layer to its budget."""
+
+
+@dataclass
+class KeepIndices:
+    """Decode action: keep these physical entries ``[B, Hs, K]`` (ascending), drop the rest."""
+
+    indices: Tensor
+    event: str = "decode"
+
+
+class DecodeRule(Component):
+    """What happens to a compressed layer while tokens are generated."""
+
+    kind: ClassVar[str] = "decode"
+    #: maintain accumulated attention of decode queries (when the scorer asks for it)
+    compacts: ClassVar[bool] = False
+    #: recent queries kept per layer for decode-time window observations
+    query_window: int = 0
+
+    def on_prefill(self, view: DecodeView) -> None:
+        """Called after a layer was compressed at prefill; may store state in ``view.state``."""
+
+    def on_decode(self, view: DecodeView) -> Compact | KeepIndices | None:
+        return None
+
+
+class LayerSchedule(Component):
+    """Distribution of the average budget over layers."""
+
+    kind: ClassVar[str] = "schedule"
+
+    def layer_total(self, avg_total: Tensor, recent: Tensor, layer_idx: int, n_layers: int) -> Tensor:
+        return avg_total
+
+
+# --------------------------------------------------------------------------------------------- policy
+@dataclass
+class Policy:
+    """A complete compression policy. Build one with :func:`kvpolicy.load_policy`."""
+
+    name: str
+    budget: Budget
+    scorer: Scorer
+    selector: Selector
+    merger: Merger
+    decode: DecodeRule
+    schedule: LayerSchedule
+    prior: Prior | None = None
+    description: str = ""
+
+    def steps(self) -> list[Component]:
+        return [s for s in (self.scorer, self.prior, self.selector, self.merger, self.decode, self.schedule)
+                if s is not None]
+
+    @property
+    def observations(self) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for s in self.steps():
+            out |= s.observations
+        return out
+
+    def layer_budget(self, layer_idx: int, n_layers: int, n_valid: Tensor) -> LayerBudget:
+        """Resolve the budget of ``layer_idx`` for rows holding ``n_valid`` ``[B]`` valid tokens."""
+        avg = self.budget.total(n_valid)
+        recent = self.budget.recent_count(avg)
+        total = self.schedule.layer_total(avg, recent, layer_idx, n_layers)
+        total = torch.minimum(total.long().clamp_min(1), n_valid)
+        if isinstance(self.budget.recent, float):
+            recent = self.budget.recent_count(total)
+        lb = LayerBudget(total=total, sink=self.budget.sink, recent=recent)
+        lb.check(self.budget, n_valid, layer_idx)
+        return lb
+
+    def compress(self, ctx: CompressionContext) -> tuple[Selection, Merged]:
+        """Run score -> prior -> select -> merge on one layer."""
+        scores = self.scorer.score(ctx).float()
+        priority = self.prior.priority(ctx) if self.prior is not None else None
+        selection = self.selector.select(ctx, scores, priority)
+        merged = self.merger.merge(ctx, selection, scores)
+        return selection, merged
+
+    def to_config(self) -> dict[str, Any]:
+        """The policy as a config mapping (``load_policy(policy.to_config())`` rebuilds it)."""
+        cfg: dict[str, Any] = {
+            "name": self.name,
+            "budget": self.budget.model_dump(exclude_none=True),
+            "scorer": self.scorer.spec(),
+            "selector": self.selector.spec(),
+            "merger": self.merger.spec(),
+            "decode": self.decode.spec(),
+            "layers": self.schedule.spec(),
+        }
+        if self.prior is not None:
+            cfg["prior"] = self.prior.spec()
+        return cfg
+
+
+def gather_kept(ctx: CompressionContext, selection: Selection) -> tuple[Tensor, Tensor]:
+    """Keys and values of the kept slots, ``[B, Hkv, K, D]`` each (shared helper for mergers)."""
+    return ops.gather_seq(ctx.keys, selection.indices), ops.gather_seq(ctx.values, selection.indices)
+
+
+def evicted_indices(ctx: CompressionContext, selection: Selection) -> tuple[Tensor, Tensor]:
+    """Indices of the valid entries not kept, ``[B, Hkv, E]``, and their validity mask ``[B, Hkv, E]``.
+
+    ``E`` is the largest evicted count over rows; shorter rows are padded with invalid slots.
+    """
+    b, h, s = ctx.shape
+    idx = ops.expand_heads(selection.indices, h)
+    kept_mask = torch.zeros(b, h, s, dtype=torch.bool, device=ctx.keys.device)
+    kept_mask.scatter_(2, idx, ops.expand_heads(selection.kept, h))
+    ev = ctx.valid & ~kept_mask
+    n = int(ev.sum(-1).max()) if ev.numel() else 0
+    order = torch.sort(ev.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n]
+    return order, ev.gather(-1, order)
+
+
+def log_or_none(mult: Tensor | None) -> Tensor | None:
+    """``log(multiplicity)`` as an attention bias, or None when every entry stands for one token."""
+    if mult is None or bool((mult == 1).all()):
+        return None
+    return mult.clamp_min(1e-30).log()
+
+
+__all__ = [
+    "Budget", "LayerBudget", "CompressionContext", "Selection", "Merged", "Component", "Scorer", "Prior",
+    "Selector", "Merger", "DecodeRule", "DecodeView", "Compact", "KeepIndices", "LayerSchedule", "Policy",
+    "gather_kept", "evicted_indices", "log_or_none",
+]

@@ -1,0 +1,98 @@
+"""Eviction baselines' scores: each is one short function of the layer's observations.
+
+* accumulated-attention (H2O, arXiv 2306.14048): attention each entry received from all queries.
+* snapkv (arXiv 2404.14469): attention from the last ``window`` queries, pooled over positions; the
+  window itself is always kept.
+* tova (arXiv 2401.06104): attention of the last query, averaged over heads (one decision per layer).
+* knorm (arXiv 2406.11430): low key norm means important.
+* streaming (arXiv 2309.17453): recency; with the budget's sinks this is StreamingLLM.
+* random: a seeded random order.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from kvpolicy import ops
+from kvpolicy.policy import CompressionContext, Scorer
+
+
+class AccumulatedAttention(Scorer):
+    """H2O heavy hitters: column sums of the attention of every query seen (GQA: group mean)."""
+
+    name: ClassVar[str] = "accumulated-attention"
+    observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        return ctx.accumulated_attention()
+
+
+class SnapKV(Scorer):
+    """SnapKV: observation-window attention, pooled over neighbouring positions; window kept."""
+
+    name: ClassVar[str] = "snapkv"
+    observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
+    window: int = Field(default=32, ge=1, description="observation window: the last queries that vote")
+    kernel: int = Field(default=7, ge=1, description="pooling kernel size over positions (odd)")
+    pooling: Literal["avg", "max"] = "avg"
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        votes = ctx.window_attention(self.window)  # [B, Hkv, S]
+        b, h, s = votes.shape
+        flat = votes.reshape(b * h, 1, s)
+        k = self.kernel if self.kernel % 2 == 1 else self.kernel + 1
+        if self.pooling == "avg":
+            pooled = F.avg_pool1d(flat, k, stride=1, padding=k // 2, count_include_pad=False)
+        else:
+            pooled = F.max_pool1d(flat, k, stride=1, padding=k // 2)
+        scores = pooled.reshape(b, h, s)
+        rank, count = ops.valid_rank(ctx.valid)
+        in_window = ctx.valid & (rank >= count.unsqueeze(-1) - self.window)
+        return scores.masked_fill(in_window, float("inf"))
+
+
+class TOVA(Scorer):
+    """TOVA: attention of the last query, averaged over heads; one decision per layer."""
+
+    name: ClassVar[str] = "tova"
+    observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        return ctx.last_query_attention().mean(dim=1, keepdim=True)
+
+
+class KeyNorm(Scorer):
+    """KnormPress: keep the keys of smallest L2 norm."""
+
+    name: ClassVar[str] = "knorm"
+    observations: ClassVar[frozenset[str]] = frozenset({"key_norms"})
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        return -ctx.key_norms()
+
+
+class Recency(Scorer):
+    """StreamingLLM: the more recent the better (sinks come from the budget)."""
+
+    name: ClassVar[str] = "streaming"
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        return ctx.positions[:, :1].float()
+
+
+class RandomScore(Scorer):
+    """Uniformly random order, seeded per layer (shared by all heads unless per_head)."""
+
+    name: ClassVar[str] = "random"
+    seed: int = 0
+    per_head: bool = False
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        b, h, s = ctx.shape
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 100003 + ctx.layer_idx)
+        return torch.rand(b, h if self.per_head else 1, s, generator=gen).to(ctx.keys.device)
