@@ -1,0 +1,1 @@
+"""kvpolicy plugin (work in progress)."""
