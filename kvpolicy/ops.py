@@ -138,7 +138,8 @@ def cosine_argmax(src: Tensor, dst: Tensor, *, dst_valid: Tensor | None = None,
 
 
 def scatter_mean(target: Tensor, src: Tensor, index: Tensor, *, src_weight: Tensor | None = None,
-                 self_weight: Tensor | float = 1.0, normalize: Tensor | None = None) -> Tensor:
+                 self_weight: Tensor | float = 1.0, normalize: Tensor | None = None,
+                 src_valid: Tensor | None = None) -> Tensor:
     """Fold sources into targets: ``t' = (w_t * t + sum_e w_e * s_e) / norm``, computed in fp32.
 
     With the defaults this is scatter-mean with self: ``(t + sum s_e) / (1 + n_t)``. Targets that receive
@@ -149,6 +150,8 @@ def scatter_mean(target: Tensor, src: Tensor, index: Tensor, *, src_weight: Tens
         src_weight: ``[B, H, E]`` weights of the sources (default 1).
         self_weight: scalar or ``[B, H, K]`` weight of each target (default 1).
         normalize: ``[B, H, K]`` divisor; default ``self_weight + n_t`` (the count, not the weights).
+        src_valid: ``[B, H, E]`` bool; sources marked False (padding slots of a ragged evicted list,
+            filtered-out entries) are ignored: they add nothing and are not counted in ``n_t``.
     Returns:
         ``[B, H, K, D]`` in the dtype of ``target``.
     """
@@ -156,12 +159,16 @@ def scatter_mean(target: Tensor, src: Tensor, index: Tensor, *, src_weight: Tens
     s = src.float()
     if src_weight is not None:
         s = s * src_weight.unsqueeze(-1)
+    ones = torch.ones_like(index, dtype=torch.float32)
+    if src_valid is not None:
+        s = torch.where(src_valid.unsqueeze(-1), s, 0.0)
+        ones = src_valid.float()
     sw = torch.as_tensor(self_weight, dtype=torch.float32, device=t.device)
     sw = sw.unsqueeze(-1) if sw.dim() == 3 else sw
     acc = t * sw
     acc = acc.scatter_add(2, index.unsqueeze(-1).expand_as(s), s)
     counts = torch.zeros(t.shape[:3], dtype=torch.float32, device=t.device)
-    counts = counts.scatter_add(2, index, torch.ones_like(index, dtype=torch.float32))
+    counts = counts.scatter_add(2, index, ones)
     if normalize is None:
         normalize = counts + (sw.squeeze(-1) if sw.dim() == 4 else sw)
     out = acc / normalize.unsqueeze(-1)
