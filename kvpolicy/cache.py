@@ -304,7 +304,7 @@ class KVPolicyCache(Cache):
     def _event(self, layer: KVPolicyLayer, phase: str, event_name: str) -> tracing.CompressionEvent:
         p = self.policy
         ev = tracing.CompressionEvent(layer=layer.layer_idx, phase=phase, policy=p.name, scorer=p.scorer.name,
-                                      merger=p.merger.name, event=event_name)
+                                      merger=p.merger.name, event=event_name, batch=layer.keys.shape[0])
         ev.tokens_in = int(layer.valid[:, 0].sum())
         ev.image_tokens_in = int((layer.valid[:, 0] & layer.is_image[:, 0]).sum())
         ev.bytes_before = _kv_bytes(layer)

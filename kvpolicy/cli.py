@@ -21,10 +21,15 @@ def _budget(value: str) -> float | int:
         return float(value)
 
 
+_MODELS: dict[str | None, tuple[Any, Any]] = {}  # loaded once per process (in-process callers, tests)
+
+
 def _load_model(path: str | None) -> tuple[Any, Any]:
     from kvpolicy import models
 
-    return models.load(path) if path else models.load_default()
+    if path not in _MODELS:
+        _MODELS[path] = models.load(path) if path else models.load_default()
+    return _MODELS[path]
 
 
 def generate_answer(model: Any, tok: Any, context: str, question: str, policy: Any, max_new_tokens: int
@@ -118,6 +123,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace_summary(args: argparse.Namespace) -> int:
+    from kvpolicy.tracing import render_trace_summary
+
+    print(render_trace_summary(args.file))
+    return 0
+
+
+def _add_trace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default=None, metavar="console|jsonl:PATH|otlp[:URL]",
+                   help="export OpenTelemetry spans and metrics (needs kvpolicy[trace]; otlp needs kvpolicy[otlp])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvpolicy", description="KV-cache compression policies for transformers")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -129,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", default=None, help="ratio (0.2) or token count (512)")
     run.add_argument("--model", default=None, help="local transformers model directory (default: embedded SmolLM2)")
     run.add_argument("--max-new-tokens", type=int, default=64)
+    _add_trace(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="answer a question about a real Austen chapter with compressed caches")
@@ -139,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None)
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--verbose", action="store_true")
+    _add_trace(demo)
     demo.set_defaults(func=cmd_demo)
 
     plugins = sub.add_parser("plugins", help="list registered components and presets")
@@ -151,12 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of policy configs")
     schema.set_defaults(func=cmd_schema)
+
+    tsum = sub.add_parser("trace-summary", help="render a saved --trace jsonl:PATH trace as the per-layer table")
+    tsum.add_argument("file")
+    tsum.set_defaults(func=cmd_trace_summary)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "trace", None):
+            from kvpolicy import telemetry_setup
+
+            with telemetry_setup.setup(args.trace):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KVPolicyError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -171,7 +171,7 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, **overrides: A
         for m in mods:
             _BINDINGS[id(m)] = cache
         cache.bound = True
-        with tracing.generate_span(policy.name):
+        with tracing.generate_span(policy.name, report=cache.report):
             yield cache
     finally:
         cache.bound = False
