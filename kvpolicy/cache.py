@@ -289,9 +289,9 @@ class KVPolicyCache(Cache):
 
     def _view(self, layer: KVPolicyLayer) -> DecodeView:
         n_valid = self.seen_valid.cpu()
-        target = int(self.policy.layer_budget(layer.layer_idx, self.n_layers, n_valid).total.max())
+        lb = self.policy.layer_budget(layer.layer_idx, self.n_layers, n_valid)
         return DecodeView(layer_idx=layer.layer_idx, n_layers=self.n_layers, n_seen=layer.n_seen,
-                          length=layer.physical_length, target=target, state=layer.state)
+                          length=layer.physical_length, target=int(lb.total.max()), state=layer.state, budget=lb)
 
     def _run_policy(self, layer: KVPolicyLayer, ctx: CompressionContext, phase: str, event_name: str) -> None:
         ev = self._event(layer, phase, event_name)

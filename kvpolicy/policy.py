@@ -81,6 +81,8 @@ class LayerBudget:
     total: Tensor  # [B] long, entries kept per row
     sink: int
     recent: Tensor  # [B] long
+    ratio: float | None = None  # the policy's budget ratio (None for a token budget)
+    seen: Tensor | None = None  # [B] long, valid tokens seen per row (what ``total`` was computed from)
 
     def check(self, budget: Budget, n_valid: Tensor, layer_idx: int) -> None:
         compressing = self.total < n_valid
@@ -267,6 +269,7 @@ class DecodeView:
     length: int  # physical entries now
     target: int  # entries the policy's budget allows at ``n_seen`` (max over rows)
     state: dict[str, Any]
+    budget: LayerBudget | None = None  # the layer budget ``target`` comes from (ratio, sink, per-row seen)
 
 
 @dataclass
@@ -341,7 +344,7 @@ class Policy:
         total = torch.minimum(total.long().clamp_min(1), n_valid)
         if isinstance(self.budget.recent, float):
             recent = self.budget.recent_count(total)
-        lb = LayerBudget(total=total, sink=self.budget.sink, recent=recent)
+        lb = LayerBudget(total=total, sink=self.budget.sink, recent=recent, ratio=self.budget.ratio, seen=n_valid)
         lb.check(self.budget, n_valid, layer_idx)
         return lb
 
