@@ -1,0 +1,244 @@
+"""Elastic Cache (arXiv 2407.18121, ECCV 2024): importance-driven anchors, bucket merge, fixed-point elimination.
+
+Prefill ("instruction encoding"), per layer, one decision shared by all KV heads:
+
+1. importance ``I_n = mean_h sum_m A[h, m, n]`` (head-averaged accumulated attention, fp32);
+2. candidates are the valid entries of rank ``[s, N - 1)``: the first ``s`` (sinks) and the last prompt
+   entry are neither anchors nor merged and stay bit-identical;
+3. the cache keeps ``K = T - F`` entries with ``F = int(T - T * gamma)`` (the method's own rounding, i.e.
+   ``ceil(gamma T)`` up to float error; ``T`` = valid tokens seen by the row, ``gamma`` = budget ratio; a
+   token budget ``B`` gives ``K = B``), so ``K - s - 1`` candidates with the highest importance become
+   anchors (ties to the lower position);
+4. every other candidate is merged into its positionally nearest anchor (ties to the earlier anchor), the
+   anchor becoming the uniform mean of itself and its bucket (scatter-mean with self), per head, for keys
+   and values. Rows with ``F <= 1`` are left unchanged (as the reference code).
+
+Decoding ("output generation", decode rule ``fixed-point``): ``p* = (T - F) + distance`` (``distance < 0``,
+default ``-25``) or ``p* = distance`` (``distance >= 0``), fixed at prefill and clamped into ``[s, len)``;
+before each new token is appended, if ``int(len - n_seen * gamma) >= 1`` the entry at physical index
+``p*`` is deleted from every head. The reference code deletes right after the step's forward; doing it
+at the start of the next step is equivalent (the token of that step has attended to the entry either
+way). Entries before ``p*`` never change; ``[p*, end)`` behaves as a FIFO of recent tokens.
+
+Decisions (ALGORITHMS.md D5):
+
+* anchors are the top-importance candidates (paper intent). ``compat: true`` reproduces the reference
+  code instead: its rank/index mix-up (a candidate ``r`` is kept iff ``argsort(I)[r] > F``) and its
+  off-by-one (``T - F - 1`` entries); ``p*`` still uses the nominal ``T - F``, as that code does. The
+  code's other slip (merged sources indexed without the ``+s`` offset) is not reproduced: it merges
+  tokens that are not the evicted ones, which is a plain bug, not a behaviour worth a switch;
+* ``s`` is the budget's ``sink`` (the preset uses 1, as the evaluation scripts; the class default is 4);
+* positions: kvpolicy gives new tokens their true positions (D1); the code's re-indexed positions are
+  not offered;
+* batches: each row is compressed on its own; its kept entries are right-aligned (filler slots of
+  shorter rows come first), so ``p*`` counted from the nominal end is the same physical index in every
+  left-padded row. Deletions happen for all rows at once, driven by the physical length and ``n_seen``
+  (those of the longest row): every row stays within one entry of its own ``gamma * n_seen``.
+
+Shapes: keys/values ``[B, Hkv, S, D]``; per-entry tensors ``[B, 1, S]`` (one decision per layer).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from kvpolicy import ops
+from kvpolicy.policy import (CompressionContext, DecodeRule, DecodeView, KeepIndices, LayerBudget, Merged, Merger,
+                             Scorer, Selection, Selector, evicted_indices, gather_kept)
+
+STATE_KEY = "elastic"  # prefill facts the selector leaves for the decode rule (consumed by on_prefill)
+P_STAR_KEY = "fixed_point"  # [B] long physical index deleted while decoding
+_FAR = 1 << 40  # a position farther than any real one
+
+
+# --------------------------------------------------------------------------------------------- functions
+def keep_count(seen: Tensor, ratio: float | None, total: Tensor) -> Tensor:
+    """Nominal entries ``T - F`` each row keeps, ``[B]`` long.
+
+    Ratio budget: ``F = int(T - T * ratio)`` in float64 (the reference code's truncation). Token budget:
+    the layer budget ``total``.
+    """
+    if ratio is None:
+        return total.long()
+    t = seen.double()
+    return (t - (t - t * ratio).trunc()).long()
+
+
+def candidates(valid: Tensor, sink: int) -> tuple[Tensor, Tensor]:
+    """Entries that may become anchors or be merged: valid ranks ``[sink, N - 1)``.
+
+    Args:
+        valid: ``[B, 1, S]`` bool.
+    Returns:
+        ``cand [B, 1, S]`` bool and ``rank [B, 1, S]`` (rank of each entry among the valid ones).
+    """
+    rank, count = ops.valid_rank(valid)
+    return valid & (rank >= sink) & (rank < count.unsqueeze(-1) - 1), rank
+
+
+def choose_anchors(scores: Tensor, cand: Tensor, rank: Tensor, n_drop: Tensor, sink: int, *,
+                   compat: bool = False) -> Tensor:
+    """Anchor mask ``[B, 1, S]``: which candidates survive (and receive the merged ones).
+
+    Args:
+        scores: ``[B, 1, S]`` fp32 importance.
+        cand: ``[B, 1, S]`` candidate mask; rank: valid rank of each entry (candidate index = rank - sink).
+        n_drop: ``[B]`` entries to remove (``N - (T - F)``).
+        compat: reproduce the reference code's ``argsort(I)[r] > F`` selection (keeps ``n_c - F - 1``).
+    """
+    b, _, s = scores.shape
+    n_c = cand.sum(-1)  # [B, 1]
+    ar = torch.arange(s, device=scores.device).expand(b, 1, s)
+    drop = n_drop.to(scores.device).view(b, 1, 1)
+    if compat:
+        order = torch.sort(torch.where(cand, scores.float(), float("inf")), dim=-1, stable=True).indices
+        arg = (rank - sink).gather(-1, order)  # arg[r] = candidate index of the r-th least important
+        chosen = (arg > drop) & (ar < n_c.unsqueeze(-1))  # candidate index r is kept iff arg[r] > F
+        return cand & chosen.gather(-1, (rank - sink).clamp(0, s - 1))
+    order = torch.sort(torch.where(cand, scores.float(), float("-inf")), dim=-1, descending=True,
+                       stable=True).indices
+    place = torch.empty_like(order).scatter_(-1, order, ar)  # place of each entry in the ranking
+    return cand & (place < (n_c.unsqueeze(-1) - drop))
+
+
+def pack_right(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense indices of a keep mask, right-aligned: ``[B, H, S]`` -> ``indices, kept [B, H, K]``.
+
+    Kept entries appear in ascending order at the end of each row; shorter rows start with filler slots
+    (``kept`` False, index = slot number).
+    """
+    s = keep.shape[-1]
+    ar = torch.arange(s, device=keep.device)
+    srt = torch.sort(torch.where(keep, ar, ar + s), dim=-1).values  # kept first, ascending
+    n = keep.sum(-1, keepdim=True)  # [B, H, 1]
+    k = int(n.max()) if keep.numel() else 0
+    slot = torch.arange(k, device=keep.device).expand(*keep.shape[:2], k)
+    j = slot - (k - n)
+    kept = j >= 0
+    return torch.where(kept, srt.gather(-1, j.clamp_min(0)), slot), kept
+
+
+def bucket_merge(keys: Tensor, values: Tensor, positions: Tensor, idx: Tensor, anchor_slot: Tensor,
+                 ev_idx: Tensor, ev_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold every evicted entry into its positionally nearest anchor (uniform scatter-mean with self).
+
+    Args:
+        keys, values: ``[B, Hkv, S, D]``; positions: ``[B, 1, S]`` long.
+        idx: ``[B, 1, K]`` kept slots; anchor_slot: ``[B, 1, K]`` bool, slots that may receive.
+        ev_idx, ev_valid: ``[B, 1, E]`` evicted entries and which of them are real.
+    Returns:
+        merged keys and values of the kept slots ``[B, Hkv, K, D]`` and ``used [B, 1, E]`` (sources folded;
+        a row without any anchor folds nothing).
+    """
+    h = keys.shape[1]
+    apos = torch.where(anchor_slot, positions.gather(-1, idx), _FAR)
+    apos, slot_of = torch.sort(apos, dim=-1)  # anchors first, ascending
+    near = ops.nearest_anchor(apos, positions.gather(-1, ev_idx))  # ties -> earlier anchor
+    owner = ops.expand_heads(slot_of.gather(-1, near), h)
+    used = ev_valid & anchor_slot.any(-1, keepdim=True)
+    use_h = ops.expand_heads(used, h)
+    k = ops.scatter_mean(ops.gather_seq(keys, idx), ops.gather_seq(keys, ev_idx), owner, src_valid=use_h)
+    v = ops.scatter_mean(ops.gather_seq(values, idx), ops.gather_seq(values, ev_idx), owner, src_valid=use_h)
+    return k, v, used
+
+
+# --------------------------------------------------------------------------------------------- steps
+class ElasticImportance(Scorer):
+    """Elastic Cache importance: accumulated attention averaged over heads (one score per layer)."""
+
+    name: ClassVar[str] = "elastic-importance"
+    observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
+
+    def score(self, ctx: CompressionContext) -> Tensor:
+        return ctx.accumulated_attention().mean(1, keepdim=True)  # [B, 1, S]
+
+
+class ElasticAnchors(Selector):
+    """Elastic Cache anchors: sinks + top-importance candidates + last entry, ``T - F`` entries per row."""
+
+    name: ClassVar[str] = "elastic-anchors"
+    compat: bool = Field(default=False, description="reproduce the reference code's rank/index mix-up and "
+                                                    "its off-by-one (T - F - 1 entries)")
+
+    def select(self, ctx: CompressionContext, scores: Tensor, priority: Tensor | None) -> Selection:
+        valid = ctx.valid[:, :1]
+        sc = scores.float().mean(1, keepdim=True) if scores.shape[1] != 1 else scores.float()
+        b = ctx.shape[0]
+        sink = ctx.budget.sink
+        n_valid = valid.sum(-1).view(b).cpu()
+        seen = ctx.budget.seen if ctx.budget.seen is not None else n_valid
+        nominal = keep_count(seen.cpu(), ctx.budget.ratio, ctx.budget.total.cpu())
+        n_drop = (n_valid - nominal).clamp_min(0)
+        cand, rank = candidates(valid, sink)
+        anchors = choose_anchors(sc, cand, rank, n_drop, sink, compat=self.compat)
+        compressing = (n_drop > 1).to(valid.device).view(b, 1, 1)  # the code merges only when F > 1
+        keep = torch.where(compressing, valid & (~cand | anchors), valid)
+        idx, kept = pack_right(keep)
+        ctx.state[STATE_KEY] = {"fill": (idx.shape[-1] - keep.sum(-1)).view(b).cpu(), "nominal": nominal,
+                                "device": ctx.keys.device}
+        ctx.figures["anchors"] = int((anchors & compressing).sum())
+        return Selection(indices=idx, kept=kept)
+
+
+class ElasticBucket(Merger):
+    """Elastic Cache merge: each evicted candidate is averaged into its positionally nearest anchor."""
+
+    name: ClassVar[str] = "elastic-bucket"
+
+    def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
+        if selection.indices.shape[1] != 1:
+            raise ValueError("merger 'elastic-bucket' needs a layer-shared selection ([B, 1, K] indices), e.g. "
+                             f"from selector 'elastic-anchors'; got {selection.indices.shape[1]} heads")
+        cand, _ = candidates(ctx.valid[:, :1], ctx.budget.sink)
+        anchor_slot = selection.kept & cand.gather(-1, selection.indices)
+        ev_idx, ev_valid = evicted_indices(ctx, selection)
+        if ev_idx.shape[-1] == 0:
+            k, v = gather_kept(ctx, selection)
+            return Merged(keys=k, values=v)
+        k, v, used = bucket_merge(ctx.keys, ctx.values, ctx.positions[:, :1], selection.indices, anchor_slot,
+                                  ev_idx[:, :1], ev_valid[:, :1])
+        return Merged(keys=k, values=v, merged=int(used.sum()))
+
+
+def fixed_point(length: int, n_seen: int, budget: LayerBudget | None, target: int) -> bool:
+    """Whether the fixed-point rule deletes an entry now: ``int(len - n_seen * gamma) >= 1``.
+
+    A token budget (no ratio) deletes whenever the layer holds more than ``target`` entries.
+    """
+    if budget is not None and budget.ratio is not None:
+        return int(length - n_seen * budget.ratio) >= 1
+    return length > target
+
+
+class FixedPoint(DecodeRule):
+    """Elastic Cache fixed-point elimination: keep ``len ~ gamma * n_seen`` by deleting index ``p*``."""
+
+    name: ClassVar[str] = "fixed-point"
+    distance: int = Field(default=-25, description="p* = (T - F) + distance if negative, else p* = distance")
+
+    def on_prefill(self, view: DecodeView) -> None:
+        info = view.state.pop(STATE_KEY, None)
+        b = int(view.budget.seen.numel()) if view.budget is not None and view.budget.seen is not None else 1
+        sink = view.budget.sink if view.budget is not None else 0
+        if info is None:  # the layer was not compressed: nothing was filled, the nominal end is the end
+            fill = torch.zeros(b, dtype=torch.long)
+            nominal = torch.full((b,), view.length, dtype=torch.long)
+            device = None
+        else:
+            fill, nominal, device = info["fill"], info["nominal"], info["device"]
+        p = fill + (nominal + self.distance if self.distance < 0 else self.distance)
+        p = torch.minimum(torch.maximum(p, fill + sink), torch.full_like(p, max(view.length - 1, 0)))
+        view.state[P_STAR_KEY] = p.to(device) if device is not None else p
+
+    def on_decode(self, view: DecodeView) -> KeepIndices | None:
+        p = view.state.get(P_STAR_KEY)
+        if p is None or view.length < 2 or not fixed_point(view.length, view.n_seen, view.budget, view.target):
+            return None
+        p = p.clamp_max(view.length - 1)
+        idx = torch.arange(view.length - 1, device=p.device).expand(p.shape[0], view.length - 1)
+        idx = idx + (idx >= p.unsqueeze(-1)).long()
+        return KeepIndices(indices=idx.unsqueeze(1), event="fixed-point")
