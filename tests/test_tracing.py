@@ -1,0 +1,310 @@
+"""OpenTelemetry tracing: spans per (layer, event), metrics, the JSON-lines trace and ``trace-summary``.
+
+Spans and metrics go to the SDK's in-memory exporter and reader, installed for kvpolicy only with
+:func:`kvpolicy.tracing.set_providers` (via ``telemetry_setup.in_memory()``), so each test gets fresh
+providers; the default path through the *global* providers is tested in a subprocess (a global provider
+can be set only once per process).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from opentelemetry.trace import StatusCode
+
+import kvpolicy
+from kvpolicy import cli, telemetry_setup, tracing
+from kvpolicy.policy import CompressionContext, Scorer
+
+N_SMOL_LAYERS = 30
+
+
+@pytest.fixture
+def tel():
+    t = telemetry_setup.in_memory()
+    yield t
+    t.shutdown()
+    assert tracing.get_providers() == (None, None)
+
+
+def _by_name(spans: list[Any], name: str) -> list[Any]:
+    return [s for s in spans if s.name == name]
+
+
+def _metric(points: list[dict[str, Any]], name: str, phase: str, key: str = "value") -> float:
+    return sum(p[key] for p in points if p["name"] == name and p["attributes"]["kvpolicy.phase"] == phase)
+
+
+def _assert_metrics_match(tel: telemetry_setup.Telemetry, spans: list[Any], phase: str) -> None:
+    ok = [s for s in spans if s.attributes["kvpolicy.phase"] == phase and s.status.status_code != StatusCode.ERROR]
+    points = tel.metric_points()
+    assert _metric(points, "kvpolicy.tokens_dropped", phase) == sum(s.attributes["kvpolicy.tokens_dropped"] for s in ok)
+    assert _metric(points, "kvpolicy.tokens_merged", phase) == sum(s.attributes["kvpolicy.tokens_merged"] for s in ok)
+    assert _metric(points, "kvpolicy.compress.duration", phase, "count") == len(ok)
+    assert _metric(points, "kvpolicy.compress.duration", phase, "sum") == pytest.approx(
+        sum(s.attributes["kvpolicy.seconds"] for s in ok))
+
+
+# --------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
+def test_snapkv_prefill_one_span_per_layer(smollm2, smol_passage, tel):
+    model, _ = smollm2
+    ids = smol_passage[:, :400]
+    n = ids.shape[1]
+    policy = kvpolicy.load_policy("snapkv", budget=0.2)
+    budget = int(policy.layer_budget(0, N_SMOL_LAYERS, torch.tensor([n])).total)
+    assert budget == int(n * 0.2)
+    with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
+        model(input_ids=ids, cache=cache, use_cache=True)
+    spans = tel.finished_spans()
+    (gen,) = _by_name(spans, "kvpolicy.generate")
+    comp = _by_name(spans, "kvpolicy.compress")
+    assert len(comp) == N_SMOL_LAYERS
+    assert sorted(s.attributes["kvpolicy.layer"] for s in comp) == list(range(N_SMOL_LAYERS))
+    for s in comp:
+        a = s.attributes
+        assert s.parent is not None and s.parent.span_id == gen.context.span_id
+        assert s.context.trace_id == gen.context.trace_id
+        assert (a["kvpolicy.phase"], a["kvpolicy.event"], a["kvpolicy.policy"]) == ("prefill", "compress", "snapkv")
+        assert (a["kvpolicy.scorer"], a["kvpolicy.merger"]) == ("snapkv", "none")
+        assert a["kvpolicy.tokens_in"] == n
+        assert a["kvpolicy.tokens_kept"] == budget
+        assert a["kvpolicy.tokens_dropped"] == n - budget
+        assert a["kvpolicy.tokens_merged"] == 0
+        assert (a["kvpolicy.image_tokens_in"], a["kvpolicy.image_tokens_kept"]) == (0, 0)
+        # 3 KV heads x 64 dims x fp32 x (K and V) per token
+        assert a["kvpolicy.bytes_before"] == n * 3 * 64 * 4 * 2
+        assert a["kvpolicy.bytes_after"] == budget * 3 * 64 * 4 * 2
+        assert s.start_time >= gen.start_time and s.end_time <= gen.end_time
+    # the generate span carries the cache's final report, row for row
+    rows = tracing.report_rows(dict(gen.attributes))
+    assert rows == cache.report().as_dicts()
+    _assert_metrics_match(tel, comp, "prefill")
+    assert _metric(tel.metric_points(), "kvpolicy.tokens_dropped", "prefill") == N_SMOL_LAYERS * (n - budget)
+
+
+@pytest.mark.slow
+def test_cli_run_jsonl_then_trace_summary(smollm2, austen, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(cli._MODELS, None, smollm2)  # reuse the session model: no second load
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(austen[5000:6500], encoding="utf-8")
+    trace_file = tmp_path / "out" / "trace.jsonl"
+    rc = cli.main(["run", "--policy", "snapkv", "--budget", "0.2", "--prompt-file", str(prompt),
+                   "--max-new-tokens", "2", "--trace", f"jsonl:{trace_file}"])
+    assert rc == 0
+    run_out = capsys.readouterr().out
+    assert tracing.get_providers() == (None, None)  # the CLI's setup is gone after the command
+
+    records = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    spans = [r for r in records if r["type"] == "span"]
+    assert sum(r["name"] == "kvpolicy.compress" for r in spans) == N_SMOL_LAYERS
+    (metrics,) = [r for r in records if r["type"] == "metrics"]
+    names = {m["name"] for rm in metrics["data"]["resource_metrics"] for sm in rm["scope_metrics"]
+             for m in sm["metrics"]}
+    assert {"kvpolicy.tokens_dropped", "kvpolicy.compress.duration"} <= names
+
+    assert cli.main(["trace-summary", str(trace_file)]) == 0
+    summary = capsys.readouterr().out
+    table = [ln for ln in summary.splitlines() if ln.split() and ln.split()[0].isdigit()]
+    assert [int(ln.split()[0]) for ln in table] == list(range(N_SMOL_LAYERS))
+    # the same table as `kvpolicy run` printed (same data, same rendering)
+    start = run_out.index("kvpolicy cache report")
+    run_table = run_out[start:].splitlines()[: N_SMOL_LAYERS + 3]
+    assert summary.splitlines()[: N_SMOL_LAYERS + 3] == run_table
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+def test_rolling_decode_gives_compact_spans(tel):
+    model = make_tiny_llama(layers=2)
+    prompt, new, every = 100, 45, 16
+    ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), kvpolicy.compress(model, "h2o-rolling", budget=0.2) as cache:
+        model.generate(input_ids=ids, cache=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    spans = tel.finished_spans()
+    (gen,) = _by_name(spans, "kvpolicy.generate")
+    comp = _by_name(spans, "kvpolicy.compress")
+    decode = [s for s in comp if s.attributes["kvpolicy.phase"] == "decode"]
+    assert len(comp) - len(decode) == 2  # one prefill span per layer
+    assert decode, "a rolling decode rule must compact while decoding"
+    for s in decode:
+        a = s.attributes
+        assert s.parent.span_id == gen.context.span_id
+        assert a["kvpolicy.event"] == "compact"
+        # compaction fires as soon as the layer holds `every` entries more than its budget
+        assert a["kvpolicy.tokens_in"] - a["kvpolicy.tokens_kept"] == every
+        assert a["kvpolicy.tokens_dropped"] == every
+    # per layer: 20 entries after prefill; decode step j sees 19 + j entries and a budget of
+    # floor((100 + j) / 5): it compacts at j = 21 (40 entries -> 24), then at j = 41 (44 entries -> 28)
+    for layer in (0, 1):
+        kept = [s.attributes["kvpolicy.tokens_kept"] for s in decode if s.attributes["kvpolicy.layer"] == layer]
+        assert kept == [24, 28]
+    assert [r.events for r in cache.report().layers] == [3, 3]
+    _assert_metrics_match(tel, comp, "decode")
+    _assert_metrics_match(tel, comp, "prefill")
+
+
+class _FailingScorer(Scorer):
+    """Raises while scoring (tests that failures are traced)."""
+
+    name: ClassVar[str] = "failing-for-tracing-test"
+
+    def score(self, ctx: CompressionContext) -> torch.Tensor:
+        raise RuntimeError(f"scorer failed on layer {ctx.layer_idx}")
+
+
+class _FailingPlugin:
+    @kvpolicy.hookimpl
+    def kvpolicy_components(self) -> list[type]:
+        return [_FailingScorer]
+
+
+def test_exception_inside_policy_is_recorded_and_reraised(tel):
+    from kvpolicy.registry import register_plugin, unregister_plugin
+
+    register_plugin(_FailingPlugin(), "failing-tracing-test")
+    try:
+        policy = kvpolicy.load_policy({"name": "failing", "budget": {"ratio": 0.2, "sink": 0},
+                                       "scorer": {"name": _FailingScorer.name}})
+        model = make_tiny_llama(layers=2)
+        ids = torch.randint(3, 128, (1, 50), generator=torch.Generator().manual_seed(1))
+        with pytest.raises(RuntimeError, match="scorer failed on layer 0"):
+            with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
+                model(input_ids=ids, cache=cache, use_cache=True)
+    finally:
+        unregister_plugin("failing-tracing-test")
+    spans = tel.finished_spans()
+    (gen,) = _by_name(spans, "kvpolicy.generate")
+    (comp,) = _by_name(spans, "kvpolicy.compress")  # layer 0 failed, layer 1 never ran
+    assert comp.parent.span_id == gen.context.span_id
+    assert comp.status.status_code == StatusCode.ERROR and "scorer failed" in comp.status.description
+    (exc,) = [e for e in comp.events if e.name == "exception"]
+    assert exc.attributes["exception.type"] == "RuntimeError"
+    assert exc.attributes["exception.message"] == "scorer failed on layer 0"
+    a = comp.attributes  # what was known before the failure is kept
+    assert (a["kvpolicy.layer"], a["kvpolicy.phase"], a["kvpolicy.scorer"]) == (0, "prefill", _FailingScorer.name)
+    assert a["kvpolicy.tokens_in"] == 50 and a["kvpolicy.bytes_before"] > 0
+    assert a["kvpolicy.tokens_kept"] == 0 and a["kvpolicy.seconds"] > 0
+    assert gen.status.status_code == StatusCode.ERROR
+    assert tracing.report_rows(dict(gen.attributes))[0]["events"] == 0  # the failed event is not reported
+    assert [p for p in tel.metric_points() if p["name"] == "kvpolicy.tokens_dropped"] == []
+
+
+def test_default_global_providers_noop_then_recording():
+    """Without an SDK nothing records; once the application sets the global provider, kvpolicy's
+    (already created) tracer and meter follow it."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from conftest import make_tiny_llama
+        import kvpolicy
+        from kvpolicy import tracing
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        model = make_tiny_llama(layers=3)
+        ids = torch.randint(3, 128, (1, 40))
+        def run():
+            with torch.inference_mode(), kvpolicy.compress(model, "snapkv", budget=0.25) as cache:
+                model(input_ids=ids, cache=cache, use_cache=True)
+                return trace.get_current_span().is_recording()
+        assert run() is False
+        exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+        tp = TracerProvider(); tp.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(tp); metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        assert run() is True
+        names = [s.name for s in exporter.get_finished_spans()]
+        pts = [p.value for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+               for m in sm.metrics if m.name == "kvpolicy.tokens_dropped" for p in m.data.data_points]
+        print(names.count("kvpolicy.compress"), names.count("kvpolicy.generate"), pts)
+    """) % str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "3 1 [90]"  # 3 layers x (40 - 10) dropped
+
+
+def _tiny_trace(tmp_path: Path) -> Path:
+    path = tmp_path / "t.jsonl"
+    model = make_tiny_llama(layers=2)
+    ids = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(2))
+    with telemetry_setup.setup(f"jsonl:{path}"):
+        with torch.inference_mode(), kvpolicy.compress(model, "snapkv", budget=0.2) as cache:
+            model(input_ids=ids, cache=cache, use_cache=True)
+    return path
+
+
+def test_trace_summary_without_report_aggregates_compress_spans(tmp_path):
+    path = _tiny_trace(tmp_path)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    full = tracing.trace_reports(tracing.read_trace(str(path)))
+    (report, failed), = full
+    assert failed == [] and [(r.tokens_seen, r.tokens_kept, r.events) for r in report.layers] == [(100, 20, 1)] * 2
+    # drop the generate span: the per-layer rows are rebuilt from the compress spans alone
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines if r.get("name") != "kvpolicy.generate"))
+    ((orphan, _),) = tracing.trace_reports(tracing.read_trace(str(path)))
+    assert orphan.policy == "snapkv"
+    assert [(r.layer, r.tokens_seen, r.tokens_kept, r.bytes_now) for r in orphan.layers] == \
+        [(r.layer, r.tokens_seen, r.tokens_kept, r.bytes_now) for r in report.layers]
+
+
+def test_trace_summary_errors(tmp_path, capsys):
+    assert cli.main(["trace-summary", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "span"}\nnot json\n')
+    assert cli.main(["trace-summary", str(bad)]) == 2
+    assert "bad.jsonl:2: not a JSON line" in capsys.readouterr().err
+
+
+def test_console_exporter(tmp_path):
+    buf = io.StringIO()
+    model = make_tiny_llama(layers=2)
+    with telemetry_setup.setup("console", stream=buf):
+        with torch.inference_mode(), kvpolicy.compress(model, "streaming", budget=0.5) as cache:
+            model(input_ids=torch.randint(3, 128, (1, 30)), cache=cache, use_cache=True)
+    text = buf.getvalue()
+    assert text.count('"name": "kvpolicy.compress"') == 2 and '"kvpolicy.tokens_kept": 15' in text
+    assert "kvpolicy.tokens_dropped" in text  # the metrics, exported at shutdown
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("jsonl", "jsonl needs a file path"),
+    ("zipkin", "allowed: console, jsonl:PATH, otlp"),
+])
+def test_bad_trace_spec(spec, message, capsys):
+    assert cli.main(["run", "--policy", "snapkv", "--prompt-file", "nowhere.txt", "--trace", spec]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_otlp_missing_exporter_is_a_clear_error(monkeypatch, capsys):
+    for mod in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                "opentelemetry.exporter.otlp.proto.http.metric_exporter"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import fails as when the extra is not installed
+    assert cli.main(["run", "--policy", "snapkv", "--prompt-file", "nowhere.txt", "--trace", "otlp"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'kvpolicy[otlp]'" in err and "opentelemetry-exporter-otlp-proto-http" in err
+    assert tracing.get_providers() == (None, None)
+
+
+def test_event_attributes_and_figures():
+    ev = tracing.CompressionEvent(layer=3, phase="decode", policy="p", scorer="s", merger="m", event="fixed-point",
+                                  tokens_in=10, tokens_kept=6, tokens_merged=3, tokens_dropped=1,
+                                  figures={"merge_sets": [2, 1], "ratio": torch.tensor(0.5), "layer": 99,
+                                           "nested": {"a": 1}, "mixed": [1, "a"], "sizes": torch.tensor([1, 2])})
+    a = ev.attributes()
+    assert a["kvpolicy.layer"] == 3  # a figure never overrides a field
+    assert a["kvpolicy.event"] == "fixed-point" and a["kvpolicy.tokens_merged"] == 3
+    assert a["kvpolicy.merge_sets"] == [2, 1] and a["kvpolicy.ratio"] == 0.5 and a["kvpolicy.sizes"] == [1, 2]
+    assert "kvpolicy.nested" not in a and "kvpolicy.mixed" not in a and "kvpolicy.figures" not in a
