@@ -18,6 +18,7 @@ The JSON-lines file holds one object per line: ``{"type": "span", ...}`` for eac
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -231,7 +232,7 @@ def _otlp_exporters(url: str | None) -> tuple[SpanExporter, MetricExporter]:
     return OTLPSpanExporter(), OTLPMetricExporter()  # OTEL_EXPORTER_OTLP_* environment, else localhost:4318
 
 
-def setup(spec: str, *, service_name: str = "kvpolicy", install_global: bool = False,
+def setup(spec: str, *, service_name: str | None = None, install_global: bool = False,
           stream: IO[str] | None = None) -> Telemetry:
     """Create SDK providers exporting to ``spec`` and point kvpolicy's telemetry at them.
 
@@ -239,10 +240,11 @@ def setup(spec: str, *, service_name: str = "kvpolicy", install_global: bool = F
     (see the module docstring), ``otlp`` (OTLP/HTTP to ``OTEL_EXPORTER_OTLP_ENDPOINT``, default
     ``http://localhost:4318``) or ``otlp:URL``, ``memory`` (in-memory exporter and reader, for tests
     and benchmarks). Returns the :class:`Telemetry`; call its ``shutdown()`` (or use it as a context
-    manager) to flush.
+    manager) to flush. ``service_name`` defaults to ``$OTEL_SERVICE_NAME``, else ``kvpolicy``.
     """
     kind, arg = parse_trace_spec(spec)
-    resource = Resource.create({"service.name": service_name})
+    service = service_name or os.environ.get("OTEL_SERVICE_NAME") or "kvpolicy"
+    resource = Resource.create({"service.name": service})
     files: list[_JsonLinesFile] = []
     span_exporter: SpanExporter
     if kind == "memory":

@@ -308,3 +308,36 @@ def test_event_attributes_and_figures():
     assert a["kvpolicy.event"] == "fixed-point" and a["kvpolicy.tokens_merged"] == 3
     assert a["kvpolicy.merge_sets"] == [2, 1] and a["kvpolicy.ratio"] == 0.5 and a["kvpolicy.sizes"] == [1, 2]
     assert "kvpolicy.nested" not in a and "kvpolicy.mixed" not in a and "kvpolicy.figures" not in a
+
+
+def test_tiny_llava_lookm_reports_image_tokens(tel):
+    """LOOK-M on a tiny LLaVA: 2 text + 64 image + 10 text tokens, budget 0.2 -> 15 entries per layer; the
+    text prior keeps all 12 text tokens, so 3 image entries stay and the other 61 images are merged."""
+    pytest.importorskip("kvpolicy_lookm")
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    img_id, n_img = 100, 64
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=4, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+        image_token_index=img_id, image_seq_length=n_img)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.cat([torch.randint(1, 100, (1, 2), generator=g), torch.full((1, n_img), img_id),
+                     torch.randint(1, 100, (1, 10), generator=g)], 1)
+    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.inference_mode(), kvpolicy.compress(model, "lookm-pivot", budget=0.2) as cache:
+        model(input_ids=ids, pixel_values=pixels, cache=cache, use_cache=True)
+    comp = _by_name(tel.finished_spans(), "kvpolicy.compress")
+    assert sorted(s.attributes["kvpolicy.layer"] for s in comp) == [0, 1]
+    for s in comp:
+        a = s.attributes
+        layer = cache.layers[a["kvpolicy.layer"]]
+        assert (a["kvpolicy.tokens_in"], a["kvpolicy.image_tokens_in"]) == (76, n_img)
+        assert (a["kvpolicy.tokens_kept"], a["kvpolicy.image_tokens_kept"]) == (15, 3)
+        assert int((layer.valid & layer.is_image)[0, 0].sum()) == 3  # the span agrees with the cache
+        assert (a["kvpolicy.tokens_merged"], a["kvpolicy.tokens_dropped"]) == (61, 0)
+        assert a["kvpolicy.merger"] == "pivotal"
