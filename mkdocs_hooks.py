@@ -35,9 +35,9 @@ def _type_of(prop: dict[str, Any], defs: dict[str, Any]) -> str:
     if "const" in prop:
         return f"`{json.dumps(prop['const'])}`"
     if "enum" in prop:
-        return " \\| ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
+        return " | ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
     if "anyOf" in prop:
-        return " \\| ".join(_type_of(p, defs) for p in prop["anyOf"])
+        return " | ".join(_type_of(p, defs) for p in prop["anyOf"])
     if prop.get("type") == "array":
         return f"list of {_type_of(prop.get('items', {}), defs)}"
     return str(prop.get("type", "any"))
