@@ -101,6 +101,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
     for name, msg in reg.failed.items():
         print(f"FAILED {name}: {msg}", file=sys.stderr)
+    for name, off in reg.disabled.items():
+        print(f"DISABLED {name} (distribution {off.distribution})", file=sys.stderr)
     return 0
 
 
@@ -110,7 +112,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
     except KVPolicyError as err:
-        print(f"invalid: {err}", file=sys.stderr)
+        print(f"invalid: {args.file}", file=sys.stderr)
+        for problem in str(err).splitlines():  # one problem per line: field path, value, what is allowed
+            print(f"  {problem}", file=sys.stderr)
         return 1
     print(f"ok: {args.file} -> policy {cfg.name!r}")
     return 0

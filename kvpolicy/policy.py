@@ -210,6 +210,10 @@ class Component(BaseModel):
     name: ClassVar[str] = ""
     #: observations the step asks for: "accumulated_attention", "window_attention", "key_norms", ...
     observations: ClassVar[frozenset[str]] = frozenset()
+    #: properties the step promises beyond the universal ones, checked by :mod:`kvpolicy.testing`
+    #: (e.g. "exact_size", "protected", "nested" for selectors; "gather", "convex", "identity_on_equal",
+    #: "assign_once" for mergers; "same_total" for layer schedules)
+    promises: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def description(cls) -> str:
@@ -342,6 +346,7 @@ class Policy:
         recent = self.budget.recent_count(avg)
         total = self.schedule.layer_total(avg, recent, layer_idx, n_layers)
         total = torch.minimum(total.long().clamp_min(1), n_valid)
+        total = torch.where(avg >= n_valid, n_valid, total)  # budget >= length: no layer compresses
         if isinstance(self.budget.recent, float):
             recent = self.budget.recent_count(total)
         lb = LayerBudget(total=total, sink=self.budget.sink, recent=recent, ratio=self.budget.ratio, seen=n_valid)

@@ -95,4 +95,5 @@ class RandomScore(Scorer):
     def score(self, ctx: CompressionContext) -> Tensor:
         b, h, s = ctx.shape
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 100003 + ctx.layer_idx)
-        return torch.rand(b, h if self.per_head else 1, s, generator=gen).to(ctx.keys.device)
+        # one draw per (head, slot), shared by the rows: a row's order does not depend on its batch
+        return torch.rand(1, h if self.per_head else 1, s, generator=gen).expand(b, -1, -1).to(ctx.keys.device)

@@ -17,6 +17,7 @@ class TopK(Selector):
     """Keep the sinks, the recent window and the highest-scoring rest, up to the layer budget."""
 
     name: ClassVar[str] = "topk"
+    promises: ClassVar[frozenset[str]] = frozenset({"exact_size", "protected", "nested"})
 
     def select(self, ctx: CompressionContext, scores: Tensor, priority: Tensor | None) -> Selection:
         hs = scores.shape[1]
@@ -43,6 +44,7 @@ class NoMerge(Merger):
     """Evict: keep the selected entries unchanged, drop the others."""
 
     name: ClassVar[str] = "none"
+    promises: ClassVar[frozenset[str]] = frozenset({"gather", "identity_on_equal", "convex"})
 
     def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
         k, v = gather_kept(ctx, selection)
@@ -75,6 +77,7 @@ class Uniform(LayerSchedule):
     """Every layer gets the same budget."""
 
     name: ClassVar[str] = "uniform"
+    promises: ClassVar[frozenset[str]] = frozenset({"same_total"})
 
 
 class Pyramid(LayerSchedule):
@@ -85,6 +88,7 @@ class Pyramid(LayerSchedule):
     """
 
     name: ClassVar[str] = "pyramid"
+    promises: ClassVar[frozenset[str]] = frozenset({"same_total"})
     beta: float = Field(default=20.0, gt=1.0, description="ratio between the largest and smallest share")
     window: int = Field(default=32, ge=0, description="observation window kept by every layer")
 
