@@ -305,3 +305,14 @@ def test_presets_generate_on_smollm2(smollm2, smol_passage, preset):
         assert row.tokens_merged == (1200 if merges else 0)
         assert row.image_tokens_in == row.image_tokens_kept == 0
     assert report.bytes_now < 0.25 * report.bytes_full
+
+
+# --------------------------------------------------------------------------------------------- invariant kit
+@pytest.mark.parametrize("preset, model", [("lookm-pivot", True), ("lookm-weighted", False),
+                                           ("lookm-avg-notp", False)])
+def test_presets_keep_the_invariants(preset, model):
+    """kvpolicy.testing: shapes, pads, order, determinism, batch independence, GQA = MHA, plus the promises
+    (protected + nested selection; A/P-Merge convex and assign-once; identity on equal vectors)."""
+    from kvpolicy.testing import check_preset
+
+    check_preset(preset, model=model)

@@ -96,6 +96,7 @@ class LookMTopK(Selector):
     """
 
     name: ClassVar[str] = "lookm-topk"
+    promises: ClassVar[frozenset[str]] = frozenset({"protected", "nested"})
     cap_priority: bool = Field(default=False, description="cap prioritised entries at the budget (D2 variant) "
                                                          "instead of keeping all of them")
     require_images: bool = Field(default=False, description="keep rows without any visual entry whole, as the "
@@ -202,6 +203,18 @@ class _LookMMerger(Merger):
     rule: ClassVar[MergeRule]
     filter: FilterMode = Field(default="none", description="similarity filter: none (paper), head (per head "
                                                            "sigma >= its mean), slot (released code)")
+
+    @property
+    def promises(self) -> frozenset[str]:  # type: ignore[override]
+        """A/P-Merge are convex; W-Merge is not (coefficients sum to (1 + sum sigma) / (1 + n)); every
+        evicted entry is merged exactly once unless a similarity filter drops some (and W-Merge gives a
+        zero weight to an entry of cosine 0)."""
+        out = {"identity_on_equal"}
+        if self.rule != "weighted":
+            out.add("convex")
+            if self.filter == "none":
+                out.add("assign_once")
+        return frozenset(out)
 
     def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
         kept_k, kept_v = gather_kept(ctx, selection)  # [B, Hkv, K, D]
