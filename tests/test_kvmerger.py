@@ -123,8 +123,8 @@ def test_gqa_per_head_pivots_and_left_padded_batch():
 
 def test_merge_invariants_on_random_keys():
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(1, 2, 1, 16, generator=g)
-    keys = base + 0.6 * torch.randn(1, 2, 200, 16, generator=g).cumsum(2) / 4  # drifting, locally similar
+    centres = torch.randn(1, 2, 40, 16, generator=g).repeat_interleave(5, 2)  # blocks of 5 similar keys
+    keys = centres + 0.3 * torch.randn(1, 2, 200, 16, generator=g)
     values = torch.randn(1, 2, 200, 16, generator=g)
     ctx = _ctx(keys, values)
     scores = torch.rand(1, 2, 200, generator=g)
@@ -138,7 +138,10 @@ def test_merge_invariants_on_random_keys():
     assert torch.equal(size, sets.size[0, 0])
     prot = torch.zeros(200, dtype=torch.bool)
     prot[-20:] = True  # recent int(0.1 * 200)
-    assert bool((size[owner[-20:]] == 1).all())  # protected entries are singletons
+    prot[scores.mean(1)[0, :-20].topk(10).indices] = True  # heavy int(0.05 * 200) by head-mean score
+    assert bool((size[owner[prot]] == 1).all())  # protected entries are singletons
+    boundary = (owner[1:] != owner[:-1]) & ~prot[1:] & ~prot[:-1]
+    assert bool((cos[boundary] <= eps).all()) and int(boundary.sum()) > 0  # sets are maximal runs
     for h in range(2):  # the pivot of every set is its most attended member
         piv = sets.indices[0, h]
         best = torch.full((len(piv),), -1.0).scatter_reduce(0, owner, scores[0, h], "amax")
