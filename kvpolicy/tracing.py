@@ -35,6 +35,11 @@ COMPRESS_SPAN = "kvpolicy.compress"
 REPORT_PREFIX = "kvpolicy.report."
 
 _Scalar = (bool, int, float, str)
+#: event fields only known once a compression has completed (left off a failed span)
+RESULT_FIELDS = frozenset({"tokens_kept", "tokens_merged", "tokens_dropped", "image_tokens_kept", "bytes_after",
+                           "figures"})
+#: histogram buckets (seconds) for one layer's compression: 0.1 ms .. 10 s
+DURATION_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -126,7 +131,8 @@ class _Instruments:
         self.merged = meter.create_counter("kvpolicy.tokens_merged", unit="{token}",
                                            description="cache entries merged into kept entries")
         self.duration = meter.create_histogram("kvpolicy.compress.duration", unit="s",
-                                               description="time spent compressing one layer")
+                                               description="time spent compressing one layer",
+                                               explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
 
 
 def _get_instruments() -> _Instruments:
@@ -159,9 +165,12 @@ def report_attributes(report: Any) -> dict[str, Any]:
     """A :class:`~kvpolicy.cache.CacheReport` as span attributes: one array per
     :class:`~kvpolicy.cache.LayerReport` field, item ``i`` for the ``i``-th reported layer."""
     rows = report.as_dicts()
-    if not rows:
-        return {}
-    return {REPORT_PREFIX + k: [r[k] for r in rows] for k in rows[0]}
+    out = {}
+    for k in rows[0] if rows else ():
+        v = attribute_value([r[k] for r in rows])
+        if v is not None:
+            out[REPORT_PREFIX + k] = v
+    return out
 
 
 def report_rows(attributes: dict[str, Any]) -> list[dict[str, Any]]:
@@ -176,17 +185,23 @@ def compress_span(event: CompressionEvent) -> Iterator[CompressionEvent]:
     """Time one compression; the body fills ``event``; the span gets its attributes at the end.
 
     An exception inside the body is recorded on the span (status ERROR, exception event), with the
-    attributes known before it, and re-raised; no metric is recorded for a failed compression.
+    attributes known before it (not the :data:`RESULT_FIELDS`), and re-raised; no metric is recorded
+    for a failed compression.
     """
     with get_tracer().start_as_current_span(COMPRESS_SPAN, record_exception=True,
                                             set_status_on_exception=True) as span:
         t0 = time.perf_counter()
+        done = False
         try:
             yield event
+            done = True
         finally:
             event.seconds = time.perf_counter() - t0
             if span.is_recording():
-                span.set_attributes(event.attributes())
+                attrs = event.attributes()
+                if not done:  # keep only what was known before the failure
+                    attrs = {k: v for k, v in attrs.items() if k[len(PREFIX):] not in RESULT_FIELDS}
+                span.set_attributes(attrs)
     labels = {PREFIX + "policy": event.policy, PREFIX + "phase": event.phase}
     inst = _get_instruments()
     inst.dropped.add(event.tokens_dropped, labels)
@@ -245,7 +260,7 @@ def trace_reports(spans: list[dict[str, Any]]) -> list[tuple[Any, list[dict[str,
         failed = [s for s in evs if s.get("status", {}).get("code") == "ERROR"]
         rows = report_rows(gen["attributes"]) if gen is not None else []
         if rows:
-            layers = [LayerReport(**{k: r[k] for k in LayerReport.__dataclass_fields__}) for r in rows]
+            layers = [LayerReport(**{k: r.get(k, 0) for k in LayerReport.__dataclass_fields__}) for r in rows]
         else:
             layers = _layers_from_events([s["attributes"] for s in evs if s not in failed], LayerReport)
         out.append((CacheReport(policy=policy, layers=layers), failed))
@@ -261,8 +276,8 @@ def _layers_from_events(events: list[dict[str, Any]], row_type: Any) -> list[Any
         first, last = evs[0], evs[-1]
         b = max(1, int(last.get(PREFIX + "batch", 1)))
         rows.append(row_type(
-            layer=layer, tokens_seen=int(last[PREFIX + "tokens_in"]) // b, entries=int(last[PREFIX + "tokens_kept"]) // b,
-            tokens_kept=int(last[PREFIX + "tokens_kept"]) // b,
+            layer=layer, tokens_seen=int(last[PREFIX + "tokens_in"]) // b,
+            entries=int(last[PREFIX + "tokens_kept"]) // b, tokens_kept=int(last[PREFIX + "tokens_kept"]) // b,
             tokens_merged=sum(int(e[PREFIX + "tokens_merged"]) for e in evs) // b,
             image_tokens_in=int(first[PREFIX + "image_tokens_in"]) // b,
             image_tokens_kept=int(last[PREFIX + "image_tokens_kept"]) // b,
