@@ -207,3 +207,12 @@ def test_preset_generates_on_smollm2(smollm2, smol_passage, preset):
     assert all(r.tokens_merged == 1500 - 300 for r in rep.layers)
     text = tok.decode(out[0, t:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+@pytest.mark.parametrize(("preset", "model"), [("elastic-cache", True), ("elastic-cache-compat", False)])
+def test_presets_keep_the_invariants(preset, model):
+    """kvpolicy.testing: shapes, pads, order, determinism, batch independence, GQA = MHA, budget >= length is
+    the identity; the bucket merge is convex and the identity on equal vectors."""
+    from kvpolicy.testing import check_preset
+
+    check_preset(preset, model=model)

@@ -245,3 +245,12 @@ def test_preset_generates_on_smollm2(smollm2, smol_passage, preset):
         assert len(set(entries)) > 1  # layers end with different physical lengths
     text = tok.decode(out[0, t:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+@pytest.mark.parametrize(("preset", "model"), [("kvmerger", True), ("kvmerger-exact", False)])
+def test_presets_keep_the_invariants(preset, model):
+    """kvpolicy.testing: shapes, pads never kept nor merged, order, determinism, batch independence, GQA = MHA,
+    budget >= length is the identity."""
+    from kvpolicy.testing import check_preset
+
+    check_preset(preset, model=model)

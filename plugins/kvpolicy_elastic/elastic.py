@@ -4,7 +4,8 @@ Prefill ("instruction encoding"), per layer, one decision shared by all KV heads
 
 1. importance ``I_n = mean_h sum_m A[h, m, n]`` (head-averaged accumulated attention, fp32);
 2. candidates are the valid entries of rank ``[s, N - 1)``: the first ``s`` (sinks) and the last prompt
-   entry are neither anchors nor merged and stay bit-identical;
+   entry are neither anchors nor merged and stay bit-identical (a budget ``recent`` window larger than
+   one entry, absent from the paper, widens that protected tail);
 3. the cache keeps ``K = T - F`` entries with ``F = int(T - T * gamma)`` (the method's own rounding, i.e.
    ``ceil(gamma T)`` up to float error; ``T`` = valid tokens seen by the row, ``gamma`` = budget ratio; a
    token budget ``B`` gives ``K = B``), so ``K - s - 1`` candidates with the highest importance become
@@ -68,16 +69,17 @@ def keep_count(seen: Tensor, ratio: float | None, total: Tensor) -> Tensor:
     return (t - (t - t * ratio).trunc()).long()
 
 
-def candidates(valid: Tensor, sink: int) -> tuple[Tensor, Tensor]:
-    """Entries that may become anchors or be merged: valid ranks ``[sink, N - 1)``.
+def candidates(valid: Tensor, sink: int, recent: Tensor | int = 1) -> tuple[Tensor, Tensor]:
+    """Entries that may become anchors or be merged: valid ranks ``[sink, N - max(1, recent))``.
 
     Args:
-        valid: ``[B, 1, S]`` bool.
+        valid: ``[B, 1, S]`` bool; recent: protected tail per row (``[B]`` or an int; at least the last entry).
     Returns:
         ``cand [B, 1, S]`` bool and ``rank [B, 1, S]`` (rank of each entry among the valid ones).
     """
     rank, count = ops.valid_rank(valid)
-    return valid & (rank >= sink) & (rank < count.unsqueeze(-1) - 1), rank
+    tail = torch.as_tensor(recent, device=valid.device).clamp_min(1).reshape(-1, 1, 1)
+    return valid & (rank >= sink) & (rank < count.unsqueeze(-1) - tail), rank
 
 
 def choose_anchors(scores: Tensor, cand: Tensor, rank: Tensor, n_drop: Tensor, sink: int, *,
@@ -173,7 +175,7 @@ class ElasticAnchors(Selector):
         seen = ctx.budget.seen if ctx.budget.seen is not None else n_valid
         nominal = keep_count(seen.cpu(), ctx.budget.ratio, ctx.budget.total.cpu())
         n_drop = (n_valid - nominal).clamp_min(0)
-        cand, rank = candidates(valid, sink)
+        cand, rank = candidates(valid, sink, ctx.budget.recent)
         anchors = choose_anchors(sc, cand, rank, n_drop, sink, compat=self.compat)
         compressing = (n_drop > 1).to(valid.device).view(b, 1, 1)  # the code merges only when F > 1
         keep = torch.where(compressing, valid & (~cand | anchors), valid)
@@ -188,12 +190,13 @@ class ElasticBucket(Merger):
     """Elastic Cache merge: each evicted candidate is averaged into its positionally nearest anchor."""
 
     name: ClassVar[str] = "elastic-bucket"
+    promises: ClassVar[frozenset[str]] = frozenset({"convex", "identity_on_equal"})
 
     def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
         if selection.indices.shape[1] != 1:
             raise ValueError("merger 'elastic-bucket' needs a layer-shared selection ([B, 1, K] indices), e.g. "
                              f"from selector 'elastic-anchors'; got {selection.indices.shape[1]} heads")
-        cand, _ = candidates(ctx.valid[:, :1], ctx.budget.sink)
+        cand, _ = candidates(ctx.valid[:, :1], ctx.budget.sink, ctx.budget.recent)
         anchor_slot = selection.kept & cand.gather(-1, selection.indices)
         ev_idx, ev_valid = evicted_indices(ctx, selection)
         if ev_idx.shape[-1] == 0:
