@@ -157,6 +157,9 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, **overrides: A
         q_len = ids.shape[1] if ids is not None else emb.shape[1]
         am = kwargs.get("attention_mask")
         valid = am[:, -q_len:].bool() if isinstance(am, Tensor) and am.dim() == 2 else None
+        if valid is None:  # no mask: every token of every row is valid (the cache needs the batch size)
+            src = ids if ids is not None else emb
+            valid = torch.ones(src.shape[0], q_len, dtype=torch.bool, device=src.device)
         is_image = None
         if cache.modality is not None and cache.modality.shape[-1] == q_len:
             is_image, cache.modality = cache.modality.bool(), None

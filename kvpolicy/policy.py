@@ -372,6 +372,8 @@ class Policy:
             "decode": self.decode.spec(),
             "layers": self.schedule.spec(),
         }
+        if self.description:
+            cfg["description"] = self.description
         if self.prior is not None:
             cfg["prior"] = self.prior.spec()
         return cfg

@@ -196,11 +196,16 @@ def make_context(policy: Policy, case: Case, inputs: Inputs, budget: LayerBudget
     bias = None
     if not bool(valid.all()):
         bias = torch.zeros(b, h, s).masked_fill(~valid, float("-inf"))
+    extra: dict[str, Any] = {}
+    plan = getattr(policy, "reconstruction", None)
+    if callable(plan) and plan() is not None:  # deferred-prefill scorers: a random reconstruction observation
+        g = torch.Generator().manual_seed(case.seed + 1)
+        extra["reconstruction"] = torch.rand(b, h, s, generator=g).masked_fill(~valid, 0.0)
     return CompressionContext(
         layer_idx=case.layer_idx, n_layers=case.n_layers, phase="prefill", keys=inputs.keys, values=inputs.values,
         positions=positions, valid=valid, is_image=inputs.is_image, budget=budget,
         scaling=inputs.keys.shape[-1] ** -0.5, queries=inputs.queries, query_pos=torch.arange(s).expand(b, s),
-        query_valid=valid[:, 0], key_bias=bias, state={})
+        query_valid=valid[:, 0], key_bias=bias, state={}, **extra)
 
 
 def compresses(ctx: CompressionContext) -> bool:
