@@ -1,7 +1,8 @@
 """The documentation cannot drift from the code.
 
 * Every ```python block of every ``docs/**/*.md`` page and of ``README.md`` is executed, in order, the
-  blocks of one page sharing a namespace (a block made of ``>>>`` lines runs as a doctest). A block opts
+  blocks of one page sharing a namespace (a ```pycon block, or one made of ``>>>`` lines, runs as a
+  doctest: its printed output and exception messages are compared). A block opts
   out only with a ``# docs: no-run <reason>`` comment (things that cannot run here, e.g. a collector).
 * Every YAML / JSON / TOML block that is a policy config (it has ``budget`` and ``scorer``) is validated
   with :func:`kvpolicy.load_config`.
@@ -31,6 +32,7 @@ DOCS = ROOT / "docs"
 NO_RUN = "# docs: no-run"
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.MULTILINE | re.DOTALL)
+PY_LANGS = {"python", "py", "pycon"}  # pycon: a doctest session (its output is checked)
 CONFIG_LANGS = {"yaml": yaml.safe_load, "yml": yaml.safe_load, "json": json.loads, "toml": tomllib.loads}
 
 
@@ -90,25 +92,26 @@ def docs_env(request, monkeypatch, tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("page", _pages_with({"python", "py"}), ids=_rel)
+@pytest.mark.parametrize("page", _pages_with(PY_LANGS), ids=_rel)
 def test_python_blocks_run(page: Path, docs_env) -> None:
     ns: dict = {"__name__": "__docs__"}
     ran = 0
     for line, lang, code in blocks(page):
-        if lang not in ("python", "py") or _check_opt_out(page, line, code):
+        if lang not in PY_LANGS or _check_opt_out(page, line, code):
             continue
         where = f"{_rel(page)}:{line}"
-        if code.lstrip().startswith(">>>"):
+        if lang == "pycon" or code.lstrip().startswith(">>>"):
             test = doctest.DocTestParser().get_doctest(code, ns, where, str(page), line - 1)
             runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-            runner.run(test, out=lambda s: sys.stdout.write(s))
-            assert runner.failures == 0, f"{where}: doctest block failed (see the captured output)"
-            ns.update(test.globs)
+            report: list[str] = []
+            runner.run(test, out=report.append, clear_globs=False)
+            ns.update(test.globs)  # DocTest works on a copy of the page's namespace
+            assert runner.failures == 0, f"{where}: doctest block failed:\n{''.join(report)}"
         else:
             # pad so that tracebacks give the line numbers of the Markdown file
             exec(compile("\n" * (line - 1) + code, str(page), "exec"), ns)  # noqa: S102 - the docs' own code
         ran += 1
-    assert ran > 0 or all(_check_opt_out(page, ln, c) for ln, lg, c in blocks(page) if lg in ("python", "py"))
+    assert ran > 0 or all(_check_opt_out(page, ln, c) for ln, lg, c in blocks(page) if lg in PY_LANGS)
 
 
 @pytest.mark.parametrize("page", _pages_with(set(CONFIG_LANGS)), ids=_rel)
