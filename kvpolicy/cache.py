@@ -47,6 +47,9 @@ class KVPolicyLayer(DynamicLayer):
         self.acc: Tensor | None = None  # accumulated attention (decode-time H2O accumulation)
         self.qbuf: Tensor | None = None  # [B, H, w, D] recent queries
         self.qbuf_pos: Tensor | None = None  # [B, w]
+        self.recon: Tensor | None = None  # [B, Hkv, S] max attention from the reconstruction pass
+        self.deferred = False  # prefill compression waits for the reconstruction pass
+        self.saved_counts: tuple[int, int] = (0, 0)  # (n_before, image_seen) before an observe-only append
         self.n_seen = 0
         self.image_seen = 0  # valid visual tokens appended, summed over the batch
         self.scaling: float | None = None
@@ -212,11 +215,18 @@ class KVPolicyCache(Cache):
         obs = policy.observations
         self._keep_acc = policy.decode.compacts and "accumulated_attention" in obs
         self._qwindow = policy.decode.query_window if policy.decode.compacts else 0
+        # deferred prefill (context reconstruction): see kvpolicy.integrate and ReconstructionPlan
+        self.plan = policy.reconstruction()
+        self.observing = False  # an observe-only forward: record attention, then drop its entries
+        self.tokenizer: Any = None  # encodes the plan's prompt (kvpolicy.compress(..., tokenizer=))
+        self.plan_input: tuple[Tensor | None, Tensor | None] = (None, None)  # prefill (ids, valid) to re-read
 
     # --- called by the model hook (kvpolicy.integrate) before each forward
     def begin_forward(self, q_len: int, valid: Tensor | None, is_image: Tensor | None) -> None:
         """Register the new tokens of a forward; validate every layer's budget before anything changes."""
         self._info = ForwardInfo(q_len=q_len, valid=valid, is_image=is_image)
+        if self.observing:  # reconstruction tokens are not part of the sequence: nothing is counted
+            return
         new_valid = (valid.sum(-1).long() if valid is not None else None)
         if self.seen_valid is None:
             self.seen_valid = new_valid if new_valid is not None else torch.tensor([q_len])
@@ -238,8 +248,10 @@ class KVPolicyCache(Cache):
         info = self._info if self._info is not None and self._info.q_len == q else ForwardInfo(q_len=q)
         if q == 1 and layer.physical_length > 0:
             self._decode_step(layer)
+        if self.observing:
+            layer.saved_counts = (layer.n_before, layer.image_seen)
         layer.append(key_states, value_states, info)
-        layer.pending = q > 1
+        layer.pending = q > 1 and not self.observing
         return layer.keys, layer.values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -251,7 +263,12 @@ class KVPolicyCache(Cache):
         layer.scaling = scaling
         if self._qwindow:
             layer.remember_queries(query, self._qwindow)
-        if layer.pending:
+        if self.observing:
+            self._observe(layer, query, scaling)
+        elif layer.pending and self.plan is not None:
+            layer.pending = False
+            layer.deferred = True  # compressed by compress_deferred() after the reconstruction pass
+        elif layer.pending:
             layer.pending = False
             self._compress_prefill(layer, query, scaling)
         elif self._keep_acc and layer.acc is not None:
@@ -283,6 +300,40 @@ class KVPolicyCache(Cache):
             return
         self._run_policy(layer, ctx, "prefill", "compress")
         self._notify_prefill(layer)
+
+    # --- deferred prefill (context reconstruction, driven by kvpolicy.integrate)
+    def needs_reconstruction(self) -> bool:
+        """True after a prefill whose compression waits for a reconstruction pass that would shrink a layer."""
+        if not any(layer.deferred for layer in self.layers) or self._budgets is None:
+            return False
+        return any(layer.deferred and bool((self._budgets[layer.layer_idx].total
+                                            < layer.valid[:, 0].sum(-1).cpu()).any()) for layer in self.layers)
+
+    def _observe(self, layer: KVPolicyLayer, query: Tensor, scaling: float) -> None:
+        """Observe-only forward: max attention the older entries get from the new queries, then drop the new."""
+        b, _, q, _ = query.shape
+        old = layer.physical_length - q
+        qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q)
+        m = observe.attention_colmax(query, layer.keys, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
+                                     key_bias=_bias_with_validity(layer), query_valid=layer.valid[:, 0, old:])
+        m = m[..., :old]
+        layer.recon = m if layer.recon is None else torch.maximum(layer.recon, m)
+        layer.crop(-q)
+        layer.n_before, layer.image_seen = layer.saved_counts
+
+    def compress_deferred(self) -> None:
+        """Compress every deferred layer with the policy, the reconstruction observation in its context."""
+        for layer in self.layers:
+            if not layer.deferred:
+                continue
+            layer.deferred = False
+            budget = self._budgets[layer.layer_idx] if self._budgets is not None else self.policy.layer_budget(
+                layer.layer_idx, self.n_layers, self.seen_valid.cpu())
+            if layer.recon is not None and bool((budget.total < layer.valid[:, 0].sum(-1).cpu()).any()):
+                ctx = self._ctx(layer, "prefill", budget, _scaling(layer), reconstruction=layer.recon)
+                self._run_policy(layer, ctx, "prefill", "compress")
+            layer.recon = None
+            self._notify_prefill(layer)
 
     def _notify_prefill(self, layer: KVPolicyLayer) -> None:
         self.policy.decode.on_prefill(self._view(layer))

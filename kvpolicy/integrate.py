@@ -124,13 +124,16 @@ def visual_token_ids(model: nn.Module) -> list[int]:
 
 
 @contextmanager
-def compress(model: nn.Module, policy: Policy | str | dict | Any, **overrides: Any) -> Iterator[KVPolicyCache]:
+def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: Any = None,
+             **overrides: Any) -> Iterator[KVPolicyCache]:
     """Compress ``model``'s KV cache with ``policy`` inside the block.
 
     ``policy`` is a :class:`~kvpolicy.policy.Policy` or anything :func:`kvpolicy.load_policy` takes
     (then ``overrides`` such as ``budget=0.2`` apply). Yields the cache to pass as
     ``model.generate(..., past_key_values=cache)`` or ``model(..., past_key_values=cache)``.
     Set ``cache.modality`` to a ``[B, L]`` bool mask (True = visual) to override modality detection.
+    ``tokenizer`` encodes the prompt of a policy that re-reads its context (see :func:`reconstruct`);
+    by default the model's own local tokenizer directory is used.
     """
     from kvpolicy.config import load_policy
 
@@ -143,6 +146,7 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, **overrides: A
         if id(m) in _BINDINGS:
             raise CacheUsageError("this model is already inside a kvpolicy.compress() block; nest nothing")
     cache = KVPolicyCache(policy, len(mods), kv_heads=getattr(text, "num_key_value_heads", None))
+    cache.tokenizer = tokenizer
     visual = visual_token_ids(model)
     configs = {id(m.config): m.config for m in mods}
     saved = {k: c._attn_implementation_internal for k, c in configs.items()}
@@ -166,8 +170,19 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, **overrides: A
         elif ids is not None and visual:
             is_image = torch.isin(ids, torch.tensor(visual, device=ids.device))
         cache.begin_forward(q_len, valid, is_image)
+        if cache.plan is not None and not cache.observing and q_len > 1:
+            cache.plan_input = (ids, valid)  # the tokens the reconstruction pass re-reads
+
+    def post_hook(_mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # deferred prefill: re-read the context in observe-only mode, then compress every layer
+        if cache.plan is None or cache.observing or not any(layer.deferred for layer in cache.layers):
+            return
+        if cache.needs_reconstruction():
+            reconstruct(model, cache)
+        cache.compress_deferred()
 
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    post = model.register_forward_hook(post_hook, with_kwargs=True) if cache.plan is not None else None
     try:
         for c in configs.values():
             c._attn_implementation_internal = ATTN_NAME
@@ -179,7 +194,61 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, **overrides: A
     finally:
         cache.bound = False
         handle.remove()
+        if post is not None:
+            post.remove()
         for m in mods:
             _BINDINGS.pop(id(m), None)
         for k, c in configs.items():
             c._attn_implementation_internal = saved[k]
+
+
+def _plan_prompt_ids(model: nn.Module, cache: KVPolicyCache) -> list[int]:
+    prompt = cache.plan.prompt
+    if not prompt:
+        return []
+    tok = cache.tokenizer
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        src = getattr(model.config, "_name_or_path", "")
+        try:
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise CacheUsageError(f"policy {cache.policy.name!r} re-reads its context after the prompt {prompt!r}, "
+                                  f"which needs a tokenizer: pass kvpolicy.compress(..., tokenizer=tok) (loading "
+                                  f"one from {src!r} failed: {err})") from None
+        cache.tokenizer = tok
+    return list(tok(prompt, add_special_tokens=False)["input_ids"])
+
+
+def reconstruct(model: nn.Module, cache: KVPolicyCache) -> None:
+    """The context-reconstruction pass of a deferred prefill (KVzip-style observation).
+
+    Feeds the plan's prompt followed by the context tokens of the last prefill (teacher-forced), one
+    forward per chunk of ``plan.chunk`` context tokens (every ``plan.stride``-th chunk, its first
+    ``plan.tokens`` tokens), in the cache's observe-only mode: each layer records the max attention its
+    entries receive from these queries, and the reconstruction entries are dropped after each layer's
+    attention, so the cache is left as the prefill made it. Extra cost: about one prefill of the
+    reconstructed tokens (plus the prompt per chunk) over the full cache.
+    """
+    plan = cache.plan
+    ids, valid = getattr(cache, "plan_input", (None, None))
+    if ids is None:
+        raise CacheUsageError(f"policy {cache.policy.name!r} re-reads its context, which needs input_ids at the "
+                              f"prefill (inputs_embeds alone cannot be re-read)")
+    b, n = ids.shape
+    prompt = torch.tensor(_plan_prompt_ids(model, cache), dtype=ids.dtype, device=ids.device).expand(b, -1)
+    valid = valid if valid is not None else torch.ones(b, n, dtype=torch.bool, device=ids.device)
+    cache.observing = True
+    try:
+        with torch.no_grad():
+            for lo in range(0, n, plan.chunk * plan.stride):
+                hi = min(n, lo + (plan.chunk if plan.tokens is None else min(plan.chunk, plan.tokens)))
+                inp = torch.cat([prompt, ids[:, lo:hi]], dim=1)
+                new = torch.cat([torch.ones_like(prompt, dtype=torch.bool), valid[:, lo:hi].bool()], dim=1)
+                past = torch.ones(b, cache.get_seq_length(), dtype=torch.long, device=ids.device)
+                model(input_ids=inp, attention_mask=torch.cat([past, new.long()], dim=1), past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+    finally:
+        cache.observing = False
+        cache.plan_input = (None, None)

@@ -8,6 +8,8 @@ over the group (GQA).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -40,11 +42,20 @@ def attention_colsum(
     Returns:
         ``[B, Hkv, S]`` fp32: per KV head, the mean over its query heads of the summed attention.
     """
+    out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+        out += probs.sum(dim=3).mean(dim=2)
+    return out
+
+
+def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tensor, key_pos: Tensor,
+                 key_bias: Tensor | None, query_valid: Tensor | None, max_bytes: int) -> Iterator[Tensor]:
+    """Softmax probabilities ``[B, Hkv, group, q_chunk, S]`` fp32, one query chunk at a time (0 where a
+    query is invalid or sees nothing)."""
     b, h, q, d = queries.shape
     hkv, s = keys.shape[1], keys.shape[2]
     g = h // hkv
     k32 = keys.float()
-    out = torch.zeros(b, hkv, s, dtype=torch.float32, device=keys.device)
     step = chunk_rows(q, b * h * s * 4 * 2, max_bytes)
     for lo in range(0, q, step):
         hi = min(q, lo + step)
@@ -57,8 +68,28 @@ def attention_colsum(
         probs = torch.softmax(logits, dim=-1)
         if query_valid is not None:
             probs = torch.where(query_valid[:, None, None, lo:hi, None], probs, 0.0)
-        probs = torch.nan_to_num_(probs, nan=0.0)
-        out += probs.sum(dim=3).mean(dim=2)
+        yield torch.nan_to_num_(probs, nan=0.0)
+
+
+def attention_colmax(
+    queries: Tensor,
+    keys: Tensor,
+    *,
+    scaling: float,
+    query_pos: Tensor,
+    key_pos: Tensor,
+    key_bias: Tensor | None = None,
+    query_valid: Tensor | None = None,
+    max_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """Max over queries (and over the query heads of each KV group) of the attention each key receives.
+
+    Same arguments and chunking as :func:`attention_colsum`; KVzip's reconstruction score uses it.
+    Returns ``[B, Hkv, S]`` fp32 (0 for keys no valid query sees).
+    """
+    out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+        out = torch.maximum(out, probs.amax(dim=(2, 3)))
     return out
 
 

@@ -119,6 +119,9 @@ class CompressionContext:
     key_bias: Tensor | None = None  # [B, Hkv, S] fp32 (-inf invalid, log n merged)
     accumulated: Tensor | None = None  # [B, Hkv, S] fp32, attention accumulated before this event
     multiplicity: Tensor | None = None  # [B, Hkv, S] fp32, tokens each entry stands for
+    #: [B, Hkv, S] fp32, max attention each entry received from the queries of a context-reconstruction
+    #: pass (set only for policies whose steps return a :class:`ReconstructionPlan`, see the cache)
+    reconstruction: Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)  # per-layer state of the policy's steps
     figures: dict[str, Any] = field(default_factory=dict)  # what the steps report (traced)
     _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
@@ -165,6 +168,23 @@ class CompressionContext:
     def last_query_attention(self) -> Tensor:
         """``[B, Hkv, S]``: attention of the last query (TOVA's observation)."""
         return self.window_attention(1)
+
+    def max_attention(self) -> Tensor:
+        """``[B, Hkv, S]``: max attention each entry received from this event's queries (group max)."""
+        if "max" not in self._memo:
+            q = self._need_queries("max attention")
+            self._memo["max"] = observe.attention_colmax(
+                q, self.keys, scaling=self.scaling, query_pos=self.query_pos, key_pos=self.positions,
+                key_bias=self.key_bias, query_valid=self.query_valid)
+        return self._memo["max"]
+
+    def reconstruction_attention(self) -> Tensor:
+        """``[B, Hkv, S]``: max attention from the context-reconstruction pass (KVzip-style score)."""
+        if self.reconstruction is None:
+            raise ConfigError(
+                f"reconstruction attention is only observed at the prefill of a policy whose scorer returns a "
+                f"ReconstructionPlan (got phase {self.phase!r}); use decode 'none' with such a scorer")
+        return self.reconstruction
 
     def key_norms(self) -> Tensor:
         """``[B, Hkv, S]`` fp32 key norms."""
@@ -263,6 +283,23 @@ class Merger(Component):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class ReconstructionPlan:
+    """A deferred prefill observation: after the prefill forward, the model re-reads its context.
+
+    The cache does not compress at the prefill; a forward post-hook (:mod:`kvpolicy.integrate`) feeds
+    ``prompt`` then the context tokens again (teacher-forced), ``chunk`` context tokens per forward, every
+    ``stride``-th chunk only, at most ``tokens`` of each chunk (None = all), in an observe-only mode that
+    records per layer the max attention each context entry receives and then drops the new entries;
+    then every layer is compressed with :attr:`CompressionContext.reconstruction` set.
+    """
+
+    prompt: str
+    chunk: int = 512
+    stride: int = 1
+    tokens: int | None = None
+
+
 @dataclass
 class DecodeView:
     """What a decode rule sees before a new token is appended to a layer."""
@@ -353,6 +390,14 @@ class Policy:
         lb.check(self.budget, n_valid, layer_idx)
         return lb
 
+    def reconstruction(self) -> ReconstructionPlan | None:
+        """The plan of the first step that defines ``reconstruction_plan()`` (deferred prefill), or None."""
+        for step in self.steps():
+            plan_fn = getattr(step, "reconstruction_plan", None)
+            if plan_fn is not None:
+                return plan_fn()
+        return None
+
     def compress(self, ctx: CompressionContext) -> tuple[Selection, Merged]:
         """Run score -> prior -> select -> merge on one layer."""
         scores = self.scorer.score(ctx).float()
@@ -409,5 +454,6 @@ def log_or_none(mult: Tensor | None) -> Tensor | None:
 __all__ = [
     "Budget", "LayerBudget", "CompressionContext", "Selection", "Merged", "Component", "Scorer", "Prior",
     "Selector", "Merger", "DecodeRule", "DecodeView", "Compact", "KeepIndices", "LayerSchedule", "Policy",
+    "ReconstructionPlan",
     "gather_kept", "evicted_indices", "log_or_none",
 ]
