@@ -566,14 +566,17 @@ def check_schedule(policy: Policy, n_layers: int = 6) -> None:
 
 # --------------------------------------------------------------------------------------------- entry points
 def check_policy(policy: Policy | Any, *, profile_name: str | None = None, model: bool = True,
-                 max_seq: int = 24) -> None:
-    """Run every property on ``policy`` (a Policy or anything :func:`kvpolicy.load_policy` takes)."""
+                 max_seq: int = 24, hypothesis_settings: settings | None = None) -> None:
+    """Run every property on ``policy`` (a Policy or anything :func:`kvpolicy.load_policy` takes).
+
+    ``hypothesis_settings`` replaces the profile (e.g. ``settings(profile(), phases=...)``).
+    """
     from kvpolicy.config import load_policy
 
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
 
-    @profile(profile_name)
+    @(hypothesis_settings or profile(profile_name))
     @given(cases(max_seq=max_seq))
     def prop(case: Case) -> None:
         check_case(policy, case)
@@ -627,7 +630,8 @@ def component_config(kind: str, name: str, params: dict[str, Any] | None = None,
 
 
 def check_component(kind: str, name: str, params: dict[str, Any] | None = None, *,
-                    base: dict[str, Any] | None = None, profile_name: str | None = None, model: bool = True) -> None:
+                    base: dict[str, Any] | None = None, profile_name: str | None = None, model: bool = True,
+                    hypothesis_settings: settings | None = None) -> None:
     """Property-test the registered component ``(kind, name)`` composed with default steps.
 
     Args:
@@ -637,7 +641,8 @@ def check_component(kind: str, name: str, params: dict[str, Any] | None = None, 
     """
     from kvpolicy.config import load_policy
 
-    check_policy(load_policy(component_config(kind, name, params, base)), profile_name=profile_name, model=model)
+    check_policy(load_policy(component_config(kind, name, params, base)), profile_name=profile_name, model=model,
+                 hypothesis_settings=hypothesis_settings)
 
 
 def check_preset(name: str, *, profile_name: str | None = None, model: bool = True, **overrides: Any) -> None:

@@ -1,0 +1,149 @@
+"""The invariant kit (kvpolicy.testing) applied to every registered component and preset, config fuzzing,
+and proof that the kit catches broken components.
+
+Parametrized over the registry: a plugin that registers through an entry point is covered automatically.
+``KVPOLICY_HYPOTHESIS_PROFILE=thorough`` runs many more examples.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+from hypothesis import Phase, settings
+
+import kvpolicy
+from kvpolicy import testing as kit
+from kvpolicy.errors import ConfigError
+from kvpolicy.policy import CompressionContext, Merged, Merger, Selection, Selector, gather_kept
+from kvpolicy.registry import KINDS, get_registry, register_plugin, unregister_plugin
+
+_REG = get_registry()
+NO_SHRINK = settings(kit.profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])  # fail fast
+PRESETS = _REG.names("preset")
+COMPONENTS = [(kind, name) for kind in KINDS for name in _REG.names(kind)]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_keeps_the_invariants(name):
+    kit.check_preset(name)
+
+
+@pytest.mark.parametrize("kind, name", COMPONENTS, ids=[f"{k}-{n}" for k, n in COMPONENTS])
+def test_component_keeps_the_invariants(kind, name):
+    # decode rules and schedules only act through the cache: the tiny-model checks exercise them
+    kit.check_component(kind, name, model=kind in ("decode", "schedule"))
+
+
+def test_config_fuzzing_valid_configs_compress_invalid_ones_raise_config_error():
+    kit.check_configs()
+
+
+# --------------------------------------------------------------------------------------------- the kit can fail
+class _MutatingMerger(Merger):
+    """Scales the input keys in place (a bug)."""
+
+    name: ClassVar[str] = "test-mutating"
+
+    def merge(self, ctx: CompressionContext, selection: Selection, scores: torch.Tensor) -> Merged:
+        ctx.keys.mul_(1.0)
+        ctx.values.add_(1.0)
+        k, v = gather_kept(ctx, selection)
+        return Merged(keys=k, values=v)
+
+
+class _PadKeepingSelector(Selector):
+    """Keeps the first entries whatever their validity (a bug with left padding)."""
+
+    name: ClassVar[str] = "test-keeps-pads"
+
+    def select(self, ctx: CompressionContext, scores: torch.Tensor, priority: torch.Tensor | None) -> Selection:
+        b, _, s = ctx.shape
+        k = int(ctx.budget.total.max())
+        idx = torch.arange(k).expand(b, 1, k)
+        return Selection(indices=idx, kept=torch.ones_like(idx, dtype=torch.bool))
+
+
+class _OverPromisingMerger(Merger):
+    """Averages every evicted entry into the first kept one but claims pure eviction (gather)."""
+
+    name: ClassVar[str] = "test-overpromising"
+    promises: ClassVar[frozenset[str]] = frozenset({"gather"})
+
+    def merge(self, ctx: CompressionContext, selection: Selection, scores: torch.Tensor) -> Merged:
+        k, v = gather_kept(ctx, selection)
+        k, v = k.clone(), v.clone()
+        k[:, :, 0] = ctx.keys.float().mean(2).to(k.dtype)
+        return Merged(keys=k, values=v)
+
+
+class _NaNMerger(Merger):
+    """Divides merged values by the key norm (NaN for zero-norm keys)."""
+
+    name: ClassVar[str] = "test-nan-merge"
+
+    def merge(self, ctx: CompressionContext, selection: Selection, scores: torch.Tensor) -> Merged:
+        k, v = gather_kept(ctx, selection)
+        return Merged(keys=k, values=(v.float() / k.float().norm(dim=-1, keepdim=True)).to(v.dtype))
+
+
+class _BrokenPlugin:
+    @kvpolicy.hookimpl
+    def kvpolicy_components(self) -> list[type]:
+        return [_MutatingMerger, _PadKeepingSelector, _OverPromisingMerger, _NaNMerger]
+
+
+@pytest.fixture
+def broken():
+    register_plugin(_BrokenPlugin(), "test-broken-components")
+    yield
+    unregister_plugin("test-broken-components")
+
+
+@pytest.mark.parametrize("kind, name, prop", [
+    ("merger", "test-mutating", r"\[inputs not mutated\]"),
+    ("selector", "test-keeps-pads", r"\[pads never kept\]"),
+    ("merger", "test-overpromising", r"\[gather\]"),
+])
+def test_the_kit_catches_broken_components(broken, kind, name, prop):
+    with pytest.raises(kit.InvariantError, match=prop):
+        kit.check_component(kind, name, model=False, hypothesis_settings=NO_SHRINK)
+
+
+def test_the_kit_finds_nan_with_zero_norm_keys(broken):
+    with pytest.raises(kit.InvariantError, match=r"\[finite\](.|\n)*pattern='zero_keys'"):
+        kit.check_component("merger", "test-nan-merge", model=False, hypothesis_settings=NO_SHRINK)
+
+
+def test_check_case_and_check_on_model(broken):
+    policy = kvpolicy.load_policy({"budget": 0.5, "scorer": "knorm", "merger": "test-mutating"})
+    kit.check_on_model(kvpolicy.load_policy("snapkv"))  # a correct policy passes
+    with pytest.raises(kit.InvariantError):
+        kit.check_case(policy, kit.Case(batch=1, kv_heads=1, group=1, seq=8, head_dim=4, dtype=torch.float32,
+                                        pads=(0,), pattern="random", image_share=0.0, budget={"tokens": 3},
+                                        layer_idx=0, n_layers=1, seed=0))
+
+
+# --------------------------------------------------------------------------------------------- kit plumbing
+def test_profiles(monkeypatch):
+    monkeypatch.delenv(kit.PROFILE_ENV, raising=False)
+    assert kit.profile().max_examples == 20 and kit.profile().derandomize
+    monkeypatch.setenv(kit.PROFILE_ENV, "thorough")
+    assert kit.profile().max_examples == 300 and not kit.profile().derandomize
+    monkeypatch.setenv(kit.PROFILE_ENV, "fast")
+    with pytest.raises(ConfigError, match="KVPOLICY_HYPOTHESIS_PROFILE='fast': allowed: ci, thorough"):
+        kit.profile()
+
+
+def test_pytest_plugin_fixture(kvpolicy_invariants):
+    assert kvpolicy_invariants is kit
+
+
+def test_component_config_uses_a_companion_preset_when_one_exists():
+    cfg = kit.component_config("merger", "pivotal")
+    assert cfg["selector"] == {"name": "lookm-topk"} and cfg["merger"] == {"name": "pivotal"}
+    cfg = kit.component_config("scorer", "knorm", {}, base={})
+    assert cfg["scorer"] == {"name": "knorm"} and cfg["selector"] == {"name": "topk"}
+    with pytest.raises(ConfigError, match="unknown component kind 'scorers'"):
+        kit.component_config("scorers", "knorm")
