@@ -174,6 +174,23 @@ def test_fixed_point_invariants_through_the_cache():
     assert cache.layers[0].physical_length == 46 == cache.layers[1].physical_length
 
 
+def test_second_prompt_on_the_same_cache_recompresses_to_gamma_n_seen():
+    model = make_tiny_llama(layers=2, heads=4, kv_heads=2)
+    ids = torch.randint(3, 120, (1, 81), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), kvpolicy.compress(model, _elastic_policy(0.5, -5)) as cache:
+        model(input_ids=ids[:, :61], cache=cache)
+        assert cache.layers[0].physical_length == 31
+        logits = model(input_ids=ids[:, 61:], cache=cache).logits  # a second turn: 31 + 20 entries, 81 seen
+        layer = cache.layers[0]
+        # 81 - int(81 - 40.5) = 41 entries; sink + last kept, 39 anchors; p* moves to 41 - 5
+        assert layer.physical_length == 41 and int(layer.state["fixed_point"]) == 36
+        assert layer.events[-1].tokens_merged == 10
+        assert bool((layer.positions[0, 0, 1:] > layer.positions[0, 0, :-1]).all())
+        for _ in range(6):
+            logits = model(input_ids=logits[:, -1].argmax(-1, keepdim=True), cache=cache).logits
+            assert abs(layer.physical_length - 0.5 * layer.n_seen) <= 2
+
+
 def test_batch_generate_left_padded_through_the_cache(tiny_llama):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 120, (2, 40), generator=g)
