@@ -134,6 +134,12 @@ def cmd_trace_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvpolicy.bench.cli import run_from_args
+
+    return run_from_args(args)
+
+
 def _add_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="console|jsonl:PATH|otlp[:URL]",
                    help="export OpenTelemetry spans and metrics (needs kvpolicy[trace]; otlp needs kvpolicy[otlp])")
@@ -178,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     tsum = sub.add_parser("trace-summary", help="render a saved --trace jsonl:PATH trace as the per-layer table")
     tsum.add_argument("file")
     tsum.set_defaults(func=cmd_trace_summary)
+
+    from kvpolicy.bench.cli import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="quality and speed of policies on real text: table, CSV/JSON, plots")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return ap
 
 
