@@ -64,7 +64,10 @@ def _param_table(schema: dict[str, Any], defs: dict[str, Any], skip: tuple[str, 
     required = set(schema.get("required", []))
     rows = ["| parameter | type | default | allowed | description |", "|---|---|---|---|---|"]
     for name, prop in props.items():
-        default = "*required*" if name in required else f"`{json.dumps(prop.get('default'))}`"
+        if name in required:
+            default = "*required*"
+        else:
+            default = f"`{json.dumps(prop['default'])}`" if "default" in prop else "—"
         rows.append(f"| `{name}` | {_cell(_type_of(prop, defs))} | {_cell(default)} | "
                     f"{_cell(_constraints(prop))} | {_cell(prop.get('description', ''))} |")
     return rows + [""]
