@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy.errors import ConfigError
 from kvpolicy.integrate import sdpa
 from kvpolicy.policy import CompressionContext, LayerBudget, Selection
 from kvpolicy_kvmerger import KVMergerGaussian, KVMergerSets, MergeSets, adjacent_cosine
@@ -186,11 +185,13 @@ def test_bias_mass_keeps_attention_exact_for_duplicated_tokens():
     assert not torch.allclose(out["mean"], full, atol=1e-3)
 
 
-def test_merger_needs_the_kvmerger_selector():
-    ctx = _ctx(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
-    sel = Selection(indices=torch.tensor([[[0, 2]]]), kept=torch.ones(1, 1, 2, dtype=torch.bool))
-    with pytest.raises(ConfigError, match="selector 'kvmerger'"):
-        KVMergerGaussian().merge(ctx, sel, torch.zeros(1, 1, 3))
+def test_merger_after_another_selector_folds_evicted_into_nearest_kept():
+    values = torch.arange(5.0).view(1, 1, 5, 1)
+    ctx = _ctx(torch.ones(1, 1, 5, 2), values)
+    sel = Selection(indices=torch.tensor([[[1, 3]]]), kept=torch.ones(1, 1, 2, dtype=torch.bool))
+    # 0 -> 1, 2 -> 1 (tie between 1 and 3: earlier), 4 -> 3; a flat kernel gives plain means
+    m = KVMergerGaussian(sigma=1e6, mass="mean").merge(ctx, sel, torch.zeros(1, 1, 5))
+    assert m.values.flatten().tolist() == [1.0, 3.5] and m.merged == 3
 
 
 def test_skip_edge_layers_leaves_them_whole():

@@ -129,11 +129,12 @@ def bucket_merge(keys: Tensor, values: Tensor, positions: Tensor, idx: Tensor, a
     """Fold every evicted entry into its positionally nearest anchor (uniform scatter-mean with self).
 
     Args:
-        keys, values: ``[B, Hkv, S, D]``; positions: ``[B, 1, S]`` long.
-        idx: ``[B, 1, K]`` kept slots; anchor_slot: ``[B, 1, K]`` bool, slots that may receive.
-        ev_idx, ev_valid: ``[B, 1, E]`` evicted entries and which of them are real.
+        keys, values: ``[B, Hkv, S, D]``; positions: ``[B, Hs, S]`` long (``Hs`` = 1 for a layer-shared
+            selection, else Hkv; likewise below).
+        idx: ``[B, Hs, K]`` kept slots; anchor_slot: ``[B, Hs, K]`` bool, slots that may receive.
+        ev_idx, ev_valid: ``[B, Hs, E]`` evicted entries and which of them are real.
     Returns:
-        merged keys and values of the kept slots ``[B, Hkv, K, D]`` and ``used [B, 1, E]`` (sources folded;
+        merged keys and values of the kept slots ``[B, Hkv, K, D]`` and ``used [B, Hs, E]`` (sources folded;
         a row without any anchor folds nothing).
     """
     h = keys.shape[1]
@@ -193,18 +194,16 @@ class ElasticBucket(Merger):
     promises: ClassVar[frozenset[str]] = frozenset({"convex", "identity_on_equal"})
 
     def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
-        if selection.indices.shape[1] != 1:
-            raise ValueError("merger 'elastic-bucket' needs a layer-shared selection ([B, 1, K] indices), e.g. "
-                             f"from selector 'elastic-anchors'; got {selection.indices.shape[1]} heads")
+        b, hs, _ = selection.indices.shape  # hs = 1 (layer-shared, as elastic-anchors) or Hkv (per head)
         cand, _ = candidates(ctx.valid[:, :1], ctx.budget.sink, ctx.budget.recent)
-        anchor_slot = selection.kept & cand.gather(-1, selection.indices)
+        anchor_slot = selection.kept & cand.expand(b, hs, -1).gather(-1, selection.indices)
         ev_idx, ev_valid = evicted_indices(ctx, selection)
         if ev_idx.shape[-1] == 0:
             k, v = gather_kept(ctx, selection)
             return Merged(keys=k, values=v)
-        k, v, used = bucket_merge(ctx.keys, ctx.values, ctx.positions[:, :1], selection.indices, anchor_slot,
-                                  ev_idx[:, :1], ev_valid[:, :1])
-        return Merged(keys=k, values=v, merged=int(used.sum()))
+        k, v, used = bucket_merge(ctx.keys, ctx.values, ctx.positions[:, :hs], selection.indices, anchor_slot,
+                                  ev_idx[:, :hs], ev_valid[:, :hs])
+        return Merged(keys=k, values=v, merged=round(int(used.sum()) / hs))
 
 
 def fixed_point(length: int, n_seen: int, budget: LayerBudget | None, target: int) -> bool:

@@ -52,18 +52,18 @@ from pydantic import Field
 from torch import Tensor
 
 from kvpolicy import ops
-from kvpolicy.errors import ConfigError
 from kvpolicy.policy import CompressionContext, Merged, Merger, Selection, Selector
 
 SIGMA_MIN = 1e-6
+_FAR = 1 << 40  # a position farther than any real one
 
 
 @dataclass
 class MergeSets(Selection):
     """A selection whose kept slots stand for runs of entries.
 
-    ``indices [B, Hs, K]`` are the pivots (``Hs`` = KV heads, or 1), ``owner [B, 1, S]`` the slot each
-    entry folds into (``K`` for invalid entries), ``size [B, 1, K]`` the entries per slot (0 for fillers).
+    ``indices [B, Hs, K]`` are the pivots (``Hs`` = KV heads, or 1), ``owner [B, 1 or Hs, S]`` the slot each
+    entry folds into (``K`` for invalid entries), ``size [B, 1 or Hs, K]`` the entries per slot (0 for fillers).
     """
 
     owner: Tensor
@@ -137,6 +137,20 @@ def merging_sets(valid: Tensor, join: Tensor, scores: Tensor) -> MergeSets:
     kept = (size > 0).expand(b, hs, k)
     slots = torch.arange(k, device=dev).expand(b, hs, k)
     return MergeSets(indices=torch.where(kept, first, slots), kept=kept, owner=owner, size=size)
+
+
+def sets_around_kept(ctx: CompressionContext, selection: Selection) -> MergeSets:
+    """Merging sets for a selection made by another selector: every valid entry joins the positionally
+    nearest kept entry (ties to the earlier one), which acts as the pivot. Per head if the selection is."""
+    b, hs, k = selection.indices.shape
+    valid = ctx.valid[:, :hs]
+    pos = ctx.positions[:, :hs]
+    kpos = torch.where(selection.kept, pos.gather(-1, selection.indices), _FAR)
+    kpos, slot_of = torch.sort(kpos, dim=-1)
+    owner = slot_of.gather(-1, ops.nearest_anchor(kpos, pos))
+    owner = torch.where(valid & selection.kept.any(-1, keepdim=True), owner, k)
+    size = torch.zeros(b, hs, k + 1, device=owner.device).scatter_add_(-1, owner, valid.float())[..., :k]
+    return MergeSets(indices=selection.indices, kept=selection.kept, owner=owner, size=size)
 
 
 def gaussian_merge(keys: Tensor, values: Tensor, sets: MergeSets, *, sigma: float, sigma_mode: str,
@@ -228,7 +242,11 @@ class KVMergerSets(Selector):
 
 
 class KVMergerGaussian(Merger):
-    """KVMerger merge: Gaussian-kernel weights around each set's pivot (needs selector ``kvmerger``)."""
+    """KVMerger merge: Gaussian-kernel weights around each set's pivot.
+
+    With selector ``kvmerger`` the sets are its merging sets. With any other selector, every evicted entry
+    joins the positionally nearest kept entry (ties to the earlier one), which is then the pivot.
+    """
 
     name: ClassVar[str] = "kvmerger"
     sigma: float = Field(default=5.0, gt=0.0, description="kernel bandwidth (sigma_mode constant)")
@@ -238,13 +256,12 @@ class KVMergerGaussian(Merger):
                                                     "(paper), weighted mean, or weighted mean + log|S| logit bias")
 
     def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
-        if not isinstance(selection, MergeSets):
-            raise ConfigError(f"merger 'kvmerger' needs the merging sets of selector 'kvmerger'; got a "
-                              f"{type(selection).__name__} (use selector: kvmerger)")
+        if not isinstance(selection, MergeSets):  # another selector: sets = kept entry + nearest evicted ones
+            selection = sets_around_kept(ctx, selection)
         k, v = gaussian_merge(ctx.keys, ctx.values, selection, sigma=self.sigma, sigma_mode=self.sigma_mode,
                               scale_values=self.mass == "scaled")
         h = ctx.keys.shape[1]
-        folded = int((selection.size - 1).clamp_min(0).sum())
+        folded = round(int((selection.size - 1).clamp_min(0).sum()) / selection.size.shape[1])
         if self.mass != "bias":
             return Merged(keys=k, values=v, merged=folded)
         mult = ops.expand_heads(selection.size, h).clamp_min(1.0)
