@@ -6,7 +6,10 @@
 #
 #   bash benchmarks/kvpress_env.sh                      # create .venv-kvpress (once) and run the default peer benchmark
 #   bash benchmarks/kvpress_env.sh --setup-only         # only create the environment
-#   bash benchmarks/kvpress_env.sh --contexts 2000 --samples 1 --out bench-results/peer
+#   bash benchmarks/kvpress_env.sh --out bench-results/peer --budgets 0.2 --presses snapkv kvzip
+#
+# Samples: exported by kvpolicy (same seeds and sizes as `kvpolicy bench`) into $KVPRESS_SAMPLES, from
+# SAMPLE_ARGS (default: 2000-token contexts, 1 sample, the sizes of docs/results/index.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KVPRESS_VENV:-.venv-kvpress}
@@ -23,4 +26,7 @@ fi
 if [ "${1:-}" = "--setup-only" ]; then
     exit 0
 fi
-exec "$VENV/bin/python" benchmarks/kvpress_peer.py "$@"
+SAMPLES=${KVPRESS_SAMPLES:-bench-results/samples.json}
+SAMPLE_ARGS=${SAMPLE_ARGS:---contexts 2000 --samples 1 --continuation 32 --span 48 --cue 8 --gen-tokens 16 --depths 0.5}
+python -m kvpolicy.bench.tasks --out "$SAMPLES" $SAMPLE_ARGS
+exec "$VENV/bin/python" benchmarks/kvpress_peer.py --samples-file "$SAMPLES" "$@"

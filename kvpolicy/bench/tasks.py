@@ -116,3 +116,37 @@ def save_samples(samples: list[dict[str, Any]], path: str | Path) -> Path:
 
 def load_samples(path: str | Path) -> list[dict[str, Any]]:
     return json.loads(Path(path).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvpolicy.bench.tasks --out samples.json [--contexts 2000 ...]``: export samples for a peer."""
+    import argparse
+
+    from kvpolicy import models
+
+    ap = argparse.ArgumentParser(prog="python -m kvpolicy.bench.tasks", description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--contexts", nargs="+", type=int, default=[2000])
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--continuation", type=int, default=48)
+    ap.add_argument("--span", type=int, default=48)
+    ap.add_argument("--cue", type=int, default=8)
+    ap.add_argument("--gen-tokens", type=int, default=24)
+    ap.add_argument("--depths", nargs="+", type=float, default=[0.25, 0.75])
+    a = ap.parse_args(argv)
+    if a.model:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
+    else:
+        _, tok = models.load_default()
+    samples = make_samples(tok, a.contexts, a.samples, seed=a.seed, depths=tuple(a.depths),
+                           continuation=a.continuation, span=a.span, cue=a.cue, gen_tokens=a.gen_tokens)
+    print(save_samples(samples, a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
