@@ -1,0 +1,126 @@
+"""Build docs/results/index.md from ``kvpolicy bench`` runs and the kvpress peer's results.
+
+    python benchmarks/results_page.py --ours bench-results/A-2k bench-results/B-2k \
+        --kvpress bench-results/kvpress-2k --out docs/results
+
+Reads each run's ``results.json`` (per-run rows), merges them (the reference ``full`` rows of several runs
+are averaged), writes one table per (context, budget) with our policies and kvpress's side by side, a
+combined quality plot per context, and the machine / versions / date of the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.bench import report
+
+COLS = (("copy_nll", "copy NLL ↓", "{:.3f}"), ("continuation_nll", "cont. NLL ↓", "{:.3f}"),
+        ("greedy_agreement", "greedy agree ↑", "{:.2f}"), ("greedy_rouge_l", "ROUGE-L ↑", "{:.2f}"),
+        ("passkey_acc", "passkey ↑", "{:.2f}"), ("attention_mass", "attn mass ↑", "{:.3f}"),
+        ("compress_s", "compress s", "{:.2f}"), ("prefill_s", "prefill s", "{:.1f}"),
+        ("decode_ms_per_token", "decode ms/tok", "{:.0f}"), ("kv_ratio", "KV kept", "{:.3f}"))
+
+
+def load_rows(dirs: list[str], source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows, metas = [], []
+    for d in dirs:
+        p = Path(d) / "results.json"
+        if not p.is_file():
+            print(f"skipping {p}: not found")
+            continue
+        payload = json.loads(p.read_text())
+        metas.append(payload.get("meta", {}))
+        for r in payload["rows"]:
+            if "error" in r or r.get("isolated"):
+                continue
+            r = dict(r, source=source)
+            if source == "kvpress" and r["policy"] == "kvpress:none":
+                continue  # its reference duplicates ours (same model, same greedy path)
+            rows.append(r)
+    return rows, metas
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| policy | " + " | ".join(h for _, h, _ in COLS) + " |", "|:---|" + "---:|" * len(COLS)]
+    for r in rows:
+        cells = []
+        for k, _, fmt in COLS:
+            v = r.get(k)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
+            cells.append(fmt.format(v) if ok else "-")
+        lines.append(f"| {r['policy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ours", nargs="+", default=[])
+    ap.add_argument("--kvpress", nargs="*", default=[])
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--notes", default=None, help="a Markdown file appended after the tables")
+    a = ap.parse_args()
+    ours, metas = load_rows(a.ours, "kvpolicy")
+    peer, pmetas = load_rows(a.kvpress, "kvpress")
+    summary = report.aggregate(ours + peer)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = metas[0].get("machine", {}) if metas else {}
+    cfg = metas[0].get("config", {}) if metas else {}
+    pm = pmetas[0] if pmetas else {}
+    parts = [
+        "# Results: quality and speed of every policy, ours and kvpress's",
+        "",
+        f"Measured {m.get('date_utc', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
+        f"{m.get('memory_gib', '?')} GiB, shared with other jobs: timings are indicative only), torch "
+        f"{m.get('torch', '?')} with {cfg.get('threads') or m.get('torch_threads')} thread(s), transformers "
+        f"{m.get('transformers', '?')}, kvpolicy {m.get('kvpolicy', '?')}"
+        + (f"; kvpress {pm.get('kvpress')} with transformers {pm.get('transformers')} in its own virtualenv"
+           if pm else "") + ".",
+        "",
+        "Model: the embedded SmolLM2-135M-Instruct (fp32). Text: Jane Austen's novels (`kvpolicy.data`). "
+        f"Samples per context: {cfg.get('samples', '?')} (seed {cfg.get('seed', 0)}); continuation "
+        f"{cfg.get('continuation')} tokens, copy span {cfg.get('span')} with a {cfg.get('cue')}-token cue, "
+        f"{cfg.get('gen_tokens')} greedy tokens, passkey needles at depths {cfg.get('depths')}. "
+        "How each figure is measured: [benchmarks](../benchmarks.md). `full` is the uncompressed cache; "
+        "`kvpress:*` rows are kvpress's presses (budget b = `compression_ratio` 1 − b) on the same model, "
+        "samples and metrics code. ↓ lower is better, ↑ higher is better. `compress s` is kvpolicy's own "
+        "compression time from `cache.report()`; our prefills were replayed from the reference (see the "
+        "benchmarks page), so `prefill s` is given for kvpress only (its prefill includes compression) and in "
+        "[core performance](core.md) for ours.",
+        "",
+        "Commands:",
+        "",
+        "```bash",
+        "kvpolicy bench --policies POLICY... --budgets 0.1 0.2 0.5 --contexts 2000 --samples 1 --continuation 32 "
+        "--span 48 --cue 8 --gen-tokens 16 --depths 0.5 --threads 1 --out bench-results/RUN",
+        "bash benchmarks/kvpress_env.sh --budgets 0.2 --threads 1 --out bench-results/kvpress-2k-b02",
+        "python benchmarks/results_page.py --ours bench-results/RUN... --kvpress bench-results/kvpress-... "
+        "--out docs/results",
+        "```",
+    ]
+    for n in sorted({r["context"] for r in summary}):
+        full = [r for r in summary if r["context"] == n and r["policy"] == "full"]
+        parts += ["", f"## {n}-token contexts", ""]
+        budgets = sorted({r["budget"] for r in summary if r["context"] == n and r["policy"] != "full"})
+        for b in budgets:
+            rs = [r for r in summary if r["context"] == n and r["budget"] == b and r["policy"] != "full"]
+            rs.sort(key=lambda r: (r.get("copy_nll", float("inf")) if not math.isnan(r.get("copy_nll", float("nan")))
+                                   else float("inf")))
+            parts += [f"### budget {b:g} (sorted by copy NLL)", "", table(full + rs), ""]
+        pngs = report.plot_quality([r for r in summary if r["context"] == n], out)
+        for p in pngs:
+            parts += [f"![quality vs budget, {n} tokens]({p.name})", ""]
+    if a.notes and Path(a.notes).is_file():
+        parts += ["", Path(a.notes).read_text()]
+    (out / "index.md").write_text("\n".join(parts) + "\n")
+    report.write_csv(summary, out / "summary.csv")
+    print(out / "index.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
