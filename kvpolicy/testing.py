@@ -128,6 +128,7 @@ class Inputs:
     queries: Tensor
     valid: Tensor
     is_image: Tensor
+    reconstruction: Tensor  # [B, Hkv, S] fp32 in [0, 1]: a stand-in for a context-reconstruction observation
 
     def clone(self) -> Inputs:
         return Inputs(*(t.clone() for t in dataclasses.astuple(self)))
@@ -166,8 +167,9 @@ def make_inputs(case: Case, values: str = "random") -> Inputs:
         if values != "basis":
             vals[row, :, :p] = -7.0
     is_image = (torch.rand(b, 1, s, generator=g) < case.image_share).expand(b, h, s) & valid
+    recon = torch.rand(b, h, s, generator=g).masked_fill(~valid, 0.0)
     dt = case.dtype if values != "basis" else torch.float32
-    return Inputs(keys.to(dt), vals.to(dt), queries.to(dt), valid, is_image.contiguous())
+    return Inputs(keys.to(dt), vals.to(dt), queries.to(dt), valid, is_image.contiguous(), recon)
 
 
 def with_budget(policy: Policy, budget: dict[str, Any]) -> Policy:
@@ -199,8 +201,7 @@ def make_context(policy: Policy, case: Case, inputs: Inputs, budget: LayerBudget
     extra: dict[str, Any] = {}
     plan = getattr(policy, "reconstruction", None)
     if callable(plan) and plan() is not None:  # deferred-prefill scorers: a random reconstruction observation
-        g = torch.Generator().manual_seed(case.seed + 1)
-        extra["reconstruction"] = torch.rand(b, h, s, generator=g).masked_fill(~valid, 0.0)
+        extra["reconstruction"] = inputs.reconstruction
     return CompressionContext(
         layer_idx=case.layer_idx, n_layers=case.n_layers, phase="prefill", keys=inputs.keys, values=inputs.values,
         positions=positions, valid=valid, is_image=inputs.is_image, budget=budget,
@@ -337,7 +338,7 @@ def _merge_basis_checks(policy: Policy, case: Case) -> None:
                                        f"{int(count[r, j, e])} kept entries; expected exactly 1")
     if "convex" in mp:
         rnd = Inputs(basis.keys, torch.randn(basis.values.shape, generator=torch.Generator().manual_seed(case.seed)),
-                     basis.queries, basis.valid, basis.is_image)
+                     basis.queries, basis.valid, basis.is_image, basis.reconstruction)
         ctx2 = make_context(policy, case, rnd)
         if ctx2 is None:
             return
@@ -412,7 +413,8 @@ def check_case(policy: Policy, case: Case) -> None:
     if ctx is None or not compresses(ctx):
         return
     first = run(policy, ctx)
-    for name, a, b in zip(("keys", "values", "queries", "valid", "is_image"), dataclasses.astuple(inputs),
+    for name, a, b in zip(("keys", "values", "queries", "valid", "is_image", "reconstruction"),
+                          dataclasses.astuple(inputs),
                           dataclasses.astuple(pristine)):
         if not torch.equal(a, b):
             _fail("inputs not mutated", case, f"compression modified the input {name}")
@@ -506,6 +508,17 @@ def _reference_logits(new_tokens: int, seq: int) -> Tensor:
         return _generate(tiny_model(), ids, mask, new_tokens)
 
 
+def char_tokenizer(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    """A stand-in tokenizer for :func:`tiny_model` (ids 3..95 from characters), for policies that encode a
+    prompt (context reconstruction)."""
+    return {"input_ids": [3 + ord(c) % 93 for c in text]}
+
+
+def _compress_kw(policy: Policy) -> dict[str, Any]:
+    plan = getattr(policy, "reconstruction", None)
+    return {"tokenizer": char_tokenizer} if callable(plan) and plan() is not None else {}
+
+
 def check_on_model(policy: Policy, *, new_tokens: int = 5, seq: int = 40) -> None:
     """Cache-level properties on a tiny Llama: identity at budget >= length; a batch with left padding
     compresses, decodes with finite logits and never keeps a pad entry; kept positions stay ascending."""
@@ -516,12 +529,12 @@ def check_on_model(policy: Policy, *, new_tokens: int = 5, seq: int = 40) -> Non
     with torch.inference_mode():
         ref = _reference_logits(new_tokens, seq)
         whole = with_budget(policy, {"tokens": seq + new_tokens + 1})
-        with compress(model, whole) as cache:
+        with compress(model, whole, **_compress_kw(whole)) as cache:
             same = _generate(model, ids, mask, new_tokens, cache)
         if not torch.allclose(ref, same, rtol=1e-4, atol=1e-4):
             _fail("identity at budget >= length", None, f"{policy.name}: logits differ from the uncompressed run "
                                                         f"by {float((ref - same).abs().max()):.3g}")
-        with compress(model, with_budget(policy, {"ratio": 0.5})) as cache:
+        with compress(model, with_budget(policy, {"ratio": 0.5}), **_compress_kw(policy)) as cache:
             logits = _generate(model, ids, mask, new_tokens, cache)
     if not bool(torch.isfinite(logits).all()):
         _fail("finite logits", None, f"{policy.name}: a compressed generate() gave NaN/Inf logits")
@@ -762,9 +775,14 @@ def check_configs(*, profile_name: str | None = None, model: bool = True) -> Non
         if not model:
             return
         ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode(), compress(tiny_model(), policy) as cache:
-            out = tiny_model().generate(input_ids=ids, cache=cache, max_new_tokens=3, do_sample=False,
-                                        pad_token_id=0)
+        try:
+            with torch.inference_mode(), compress(tiny_model(), policy, **_compress_kw(policy)) as cache:
+                out = tiny_model().generate(input_ids=ids, cache=cache, max_new_tokens=3, do_sample=False,
+                                            pad_token_id=0)
+        except ConfigError:
+            # steps that cannot work together (e.g. a merger that needs its own selector) are reported
+            # when the policy first runs, as a ConfigError naming both: acceptable, anything else is not
+            return
         assert out.shape == (1, 33), f"generate() returned {tuple(out.shape)}"
 
     @profile(profile_name)

@@ -23,6 +23,9 @@ _REG = get_registry()
 NO_SHRINK = settings(kit.profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])  # fail fast
 PRESETS = _REG.names("preset")
 COMPONENTS = [(kind, name) for kind in KINDS for name in _REG.names(kind)]
+# a component used by a preset is checked, with that preset's companions, by the preset's test; the others
+# are checked on their own (composed with kvpolicy.testing.BASE_CONFIG)
+ALONE = [(kind, name) for kind, name in COMPONENTS if kit.companion_preset(kind, name) is None]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -30,10 +33,20 @@ def test_preset_keeps_the_invariants(name):
     kit.check_preset(name)
 
 
-@pytest.mark.parametrize("kind, name", COMPONENTS, ids=[f"{k}-{n}" for k, n in COMPONENTS])
+@pytest.mark.parametrize("kind, name", ALONE, ids=[f"{k}-{n}" for k, n in ALONE])
 def test_component_keeps_the_invariants(kind, name):
     # decode rules and schedules only act through the cache: the tiny-model checks exercise them
     kit.check_component(kind, name, model=kind in ("decode", "schedule"))
+
+
+def test_every_registered_component_is_covered():
+    in_presets = {(kind, kit._step_name(_REG.preset(p).config.get(field)))
+                  for p in PRESETS for kind, field in kit._FIELD_OF_KIND.items()}
+    assert set(COMPONENTS) <= in_presets | set(ALONE)
+    for kind, name in set(COMPONENTS) - set(ALONE):
+        preset = kit.companion_preset(kind, name)
+        assert kit.component_config(kind, name)[kit._FIELD_OF_KIND[kind]] == _REG.preset(preset).config[
+            kit._FIELD_OF_KIND[kind]]
 
 
 def test_config_fuzzing_valid_configs_compress_invalid_ones_raise_config_error():
