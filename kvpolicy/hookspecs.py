@@ -6,8 +6,21 @@ its distribution under the ``kvpolicy`` entry-point group::
     [project.entry-points.kvpolicy]
     my_plugin = "my_package.plugin"
 
-Both hooks are called once, when the registry loads; each implementation returns a list (possibly
-empty). Components are registered under ``(kind, name)``; presets under their name.
+Both hooks are called once, when the registry loads (the first :func:`kvpolicy.load_policy`,
+``kvpolicy plugins`` ..., or :func:`kvpolicy.registry.reload`); each implementation returns a list
+(possibly empty). Components are registered under ``(kind, name)``; presets under their name.
+
+What the registry does with the answers:
+
+* the same ``(kind, name)`` (or preset name) from two plugins -> :class:`~kvpolicy.errors.PluginError`
+  naming both plugins and distributions;
+* an import error, an exception raised by a hook, or an item that is not a component class / a
+  :class:`~kvpolicy.registry.Preset` -> a ``RuntimeWarning`` naming the plugin and its distribution (a
+  ``PluginError`` in strict mode, ``KVPOLICY_STRICT_PLUGINS=1``); the other plugins still load;
+* ``KVPOLICY_DISABLE_PLUGINS=name,...`` skips plugins by entry-point name.
+
+A component class may declare ``observations`` (what it asks the context for) and ``promises``
+(properties :mod:`kvpolicy.testing` checks, see ``docs/testing.md``).
 """
 
 from __future__ import annotations
