@@ -12,12 +12,13 @@ removed again by :meth:`Telemetry.shutdown`, so setups can follow one another in
 ``install_global=True`` also makes them the process-wide OpenTelemetry providers (possible once).
 
 The JSON-lines file holds one object per line: ``{"type": "span", ...}`` for each finished span (see
-:func:`span_record`) and ``{"type": "metrics", "data": ...}`` with the metrics when the setup shuts down.
+:func:`span_record`) and one ``{"type": "metrics", "data": ...}`` with the metrics when the setup shuts down.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -49,7 +50,8 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the SDK
                           f"pip install 'kvpolicy[trace]' (or opentelemetry-sdk)") from _exc
 
 TRACE_KINDS = ("console", "jsonl:PATH", "otlp", "otlp:URL")
-_EXPORT_INTERVAL_MS = 60_000.0  # periodic metric export; a final export always happens at shutdown
+_OTLP_EXPORT_INTERVAL_MS = 60_000.0  # OTLP: periodic metric export (and a final one at shutdown)
+_AT_SHUTDOWN = math.inf  # console / jsonl: one metrics export, when the setup shuts down
 
 
 class TelemetrySetupError(KVPolicyError, ValueError):
@@ -156,6 +158,7 @@ class Telemetry:
         try:
             self.tracer_provider.force_flush()
             self.tracer_provider.shutdown()
+            self.meter_provider.force_flush()  # console / jsonl export their metrics only here
             self.meter_provider.shutdown()
         finally:
             for f in self._files:
@@ -252,17 +255,15 @@ def setup(spec: str, *, service_name: str | None = None, install_global: bool = 
     elif kind == "console":
         out = stream if stream is not None else sys.stderr
         span_exporter = ConsoleSpanExporter(out=out)
-        reader = PeriodicExportingMetricReader(ConsoleMetricExporter(out=out),
-                                               export_interval_millis=_EXPORT_INTERVAL_MS)
+        reader = PeriodicExportingMetricReader(ConsoleMetricExporter(out=out), export_interval_millis=_AT_SHUTDOWN)
     elif kind == "jsonl":
         f = _JsonLinesFile(Path(arg))
         files.append(f)
         span_exporter = JsonLinesSpanExporter(f)
-        reader = PeriodicExportingMetricReader(JsonLinesMetricExporter(f),
-                                               export_interval_millis=_EXPORT_INTERVAL_MS)
+        reader = PeriodicExportingMetricReader(JsonLinesMetricExporter(f), export_interval_millis=_AT_SHUTDOWN)
     else:
         span_exporter, metric_exporter = _otlp_exporters(arg)
-        reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=_EXPORT_INTERVAL_MS)
+        reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=_OTLP_EXPORT_INTERVAL_MS)
     tp = TracerProvider(resource=resource)
     processor = BatchSpanProcessor(span_exporter) if kind == "otlp" else SimpleSpanProcessor(span_exporter)
     tp.add_span_processor(processor)

@@ -105,10 +105,12 @@ def test_cli_run_jsonl_then_trace_summary(smollm2, austen, tmp_path, monkeypatch
     records = [json.loads(line) for line in trace_file.read_text().splitlines()]
     spans = [r for r in records if r["type"] == "span"]
     assert sum(r["name"] == "kvpolicy.compress" for r in spans) == N_SMOL_LAYERS
-    (metrics,) = [r for r in records if r["type"] == "metrics"]
-    names = {m["name"] for rm in metrics["data"]["resource_metrics"] for sm in rm["scope_metrics"]
-             for m in sm["metrics"]}
-    assert {"kvpolicy.tokens_dropped", "kvpolicy.compress.duration"} <= names
+    (metrics,) = [r for r in records if r["type"] == "metrics"]  # one export, at exit
+    found = {m["name"]: m["data"]["data_points"] for rm in metrics["data"]["resource_metrics"]
+             for sm in rm["scope_metrics"] for m in sm["metrics"]}
+    assert [p["value"] for p in found["kvpolicy.tokens_dropped"]] == [
+        sum(r["attributes"]["kvpolicy.tokens_dropped"] for r in spans if r["name"] == "kvpolicy.compress")]
+    assert [p["count"] for p in found["kvpolicy.compress.duration"]] == [N_SMOL_LAYERS]
 
     assert cli.main(["trace-summary", str(trace_file)]) == 0
     summary = capsys.readouterr().out
