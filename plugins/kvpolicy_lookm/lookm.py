@@ -57,8 +57,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kvpolicy import ops
-from kvpolicy.policy import (CompressionContext, Merged, Merger, Prior, Selection, Selector, evicted_indices,
-                             gather_kept)
+from kvpolicy.policy import CompressionContext, Merged, Merger, Prior, Selection, Selector, evicted_indices
 
 MergeRule = Literal["averaged", "pivotal", "weighted"]
 FilterMode = Literal["none", "head", "slot"]
@@ -165,15 +164,38 @@ def similarity_filter(sigma: Tensor, valid: Tensor, mode: FilterMode) -> Tensor:
 
 def merge_rule(rule: MergeRule, kept: Tensor, evicted: Tensor, assign: Tensor, sigma: Tensor,
                use: Tensor) -> Tensor:
-    """Fold ``evicted [B, H, E, D]`` into ``kept [B, H, K, D]`` with one of the three LOOK-M rules."""
+    """Fold ``evicted [B, H, E, D]`` into ``kept [B, H, K, D]`` with one of the three LOOK-M rules.
+
+    ``assign``/``sigma``/``use`` ``[B, H, E]``: target slot, cosine, and whether the entry is merged.
+    P-Merge is computed in its expanded form ``((1 + n/2) u_c + sum_e u_e / 2) / (1 + n)``, which needs
+    no gather of the targets.
+    """
     if rule == "averaged":
         return ops.scatter_mean(kept, evicted, assign, src_valid=use)
     if rule == "pivotal":
-        pivots = (evicted.float() + ops.gather_seq(kept, assign).float()) * 0.5
-        return ops.scatter_mean(kept, pivots, assign, src_valid=use)
+        n = torch.zeros(kept.shape[:3], dtype=torch.float32, device=kept.device)
+        n = n.scatter_add(2, assign, use.float())
+        half = torch.full(assign.shape, 0.5, dtype=torch.float32, device=kept.device)
+        return ops.scatter_mean(kept, evicted, assign, src_weight=half, self_weight=1 + n / 2, normalize=1 + n,
+                                src_valid=use)
     if rule == "weighted":
         return ops.scatter_mean(kept, evicted, assign, src_weight=sigma, src_valid=use)
     raise ValueError(f"unknown LOOK-M merge rule {rule!r}; allowed: 'averaged', 'pivotal', 'weighted'")
+
+
+def _merge_joint(kept: Tensor, evicted: Tensor, key_dim: int, kept_valid: Tensor, ev_valid: Tensor,
+                 rule: MergeRule, filter_mode: FilterMode) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Merge on keys and values concatenated along the last axis (``[..., :key_dim]`` are the keys).
+
+    One assignment (on the keys) and one scatter serve both. Returns merged, assign, sigma, used.
+    """
+    if evicted.shape[2] == 0:
+        e = torch.zeros(*evicted.shape[:3], dtype=torch.long, device=evicted.device)
+        return kept, e, e.float(), e.bool()
+    assign, sigma = ops.cosine_argmax(evicted[..., :key_dim], kept[..., :key_dim], dst_valid=kept_valid)
+    use = similarity_filter(sigma, ev_valid, filter_mode)
+    assign = assign.clamp(0, kept.shape[2] - 1)  # rows without any valid target: nothing is used there
+    return merge_rule(rule, kept, evicted, assign, sigma, use), assign, sigma, use
 
 
 def lookm_merge(kept_keys: Tensor, kept_values: Tensor, ev_keys: Tensor, ev_values: Tensor, *,
@@ -188,15 +210,11 @@ def lookm_merge(kept_keys: Tensor, kept_values: Tensor, ev_keys: Tensor, ev_valu
         ev_valid: ``[B, H, E]`` bool (padding slots are never sources).
         rule: ``"averaged"``, ``"pivotal"`` or ``"weighted"``; filter_mode: see :func:`similarity_filter`.
     """
-    if ev_keys.shape[2] == 0:
-        e = torch.zeros(*ev_keys.shape[:3], dtype=torch.long, device=ev_keys.device)
-        return MergeResult(kept_keys, kept_values, e, e.float(), e.bool())
-    assign, sigma = ops.cosine_argmax(ev_keys, kept_keys, dst_valid=kept_valid)
-    use = similarity_filter(sigma, ev_valid, filter_mode)
-    assign = assign.clamp(0, kept_keys.shape[2] - 1)  # rows without any valid target: nothing is used there
-    keys = merge_rule(rule, kept_keys, ev_keys, assign, sigma, use)
-    values = merge_rule(rule, kept_values, ev_values, assign, sigma, use)
-    return MergeResult(keys, values, assign, sigma, use)
+    dk = kept_keys.shape[-1]
+    out, assign, sigma, use = _merge_joint(torch.cat([kept_keys, kept_values], -1),
+                                           torch.cat([ev_keys, ev_values], -1), dk, kept_valid, ev_valid, rule,
+                                           filter_mode)
+    return MergeResult(out[..., :dk], out[..., dk:], assign, sigma, use)
 
 
 class _LookMMerger(Merger):
@@ -217,19 +235,19 @@ class _LookMMerger(Merger):
         return frozenset(out)
 
     def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
-        kept_k, kept_v = gather_kept(ctx, selection)  # [B, Hkv, K, D]
-        h = kept_k.shape[1]
+        dk = ctx.keys.shape[-1]
+        kv = torch.cat([ctx.keys, ctx.values], dim=-1)  # [B, Hkv, S, Dk + Dv]: one gather, one scatter
+        h = kv.shape[1]
         ev_idx, ev_valid = evicted_indices(ctx, selection)  # [B, Hkv, E]
-        res = lookm_merge(kept_k, kept_v, ops.gather_seq(ctx.keys, ev_idx), ops.gather_seq(ctx.values, ev_idx),
-                          kept_valid=ops.expand_heads(selection.kept, h), ev_valid=ev_valid, rule=self.rule,
-                          filter_mode=self.filter)
+        out, _, sigma, used = _merge_joint(ops.gather_seq(kv, selection.indices), ops.gather_seq(kv, ev_idx), dk,
+                                           ops.expand_heads(selection.kept, h), ev_valid, self.rule, self.filter)
         n_ev = int(ev_valid.sum())
-        n_used = int(res.merged.sum())
+        n_used = int(used.sum())
         ctx.figures["merge_rule"] = self.rule
         ctx.figures["merge_filtered"] = round((n_ev - n_used) / h)
         if n_used:
-            ctx.figures["merge_cos_mean"] = float(res.sigma[res.merged].mean())
-        return Merged(keys=res.keys, values=res.values, merged=round(n_used / h))
+            ctx.figures["merge_cos_mean"] = float(sigma[used].mean())
+        return Merged(keys=out[..., :dk], values=out[..., dk:], merged=round(n_used / h))
 
 
 class Averaged(_LookMMerger):
