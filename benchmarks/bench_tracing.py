@@ -8,10 +8,11 @@ in three modes, interleaved run by run so that machine load affects them alike:
 * ``api``: as shipped, no SDK configured (OpenTelemetry API no-op);
 * ``sdk``: SDK with the in-memory span exporter and metric reader (``telemetry_setup.in_memory()``).
 
-It reports the median of ``--runs`` timings per mode and the overhead against ``off``. Because
-end-to-end timings on a shared machine are noisy at the 1 % level, it also times the instrumentation
-alone (one ``compress_span`` with a filled event, plus the ``generate_span``), and reports that cost
-times 30 layers as a share of the median ``off`` prefill: a direct, low-noise estimate.
+It reports the median of ``--runs`` timings (wall clock and process CPU) per mode and the overhead
+against ``off``. Because end-to-end timings on a shared machine are noisy at the 1 % level, it also
+measures the instrumentation *in situ*: the time spent entering and leaving the ``generate_span`` and
+every ``compress_span`` (their bodies excluded) during the same prefills, minus the same for ``off``,
+as a share of the median ``off`` prefill: a direct, low-noise figure.
 
     python benchmarks/bench_tracing.py --runs 7 --out docs/results/tracing.md
 """
@@ -22,6 +23,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +52,45 @@ def _bare_compress(event: tracing.CompressionEvent) -> Iterator[tracing.Compress
         event.seconds = time.perf_counter() - t0
 
 
+class _Overhead:
+    """Wraps a span context manager factory; sums the time spent in its enter and exit (body excluded)."""
+
+    def __init__(self, factory: object) -> None:
+        self.factory = factory
+        self.seconds = 0.0
+
+    @contextmanager
+    def __call__(self, *args: object, **kwargs: object) -> Iterator[object]:
+        t0 = time.perf_counter()
+        cm = self.factory(*args, **kwargs)
+        value = cm.__enter__()
+        self.seconds += time.perf_counter() - t0
+        try:
+            yield value
+        except BaseException:
+            t1 = time.perf_counter()
+            suppressed = cm.__exit__(*sys.exc_info())
+            self.seconds += time.perf_counter() - t1
+            if not suppressed:
+                raise
+        else:
+            t1 = time.perf_counter()
+            cm.__exit__(None, None, None)
+            self.seconds += time.perf_counter() - t1
+
+
+@contextmanager
+def measured(mode: str) -> Iterator[list[_Overhead]]:
+    """Inside ``mode_context(mode)``: time the enter/exit of every generate and compress span."""
+    saved = tracing.generate_span, tracing.compress_span
+    gen, comp = _Overhead(saved[0]), _Overhead(saved[1])
+    tracing.generate_span, tracing.compress_span = gen, comp
+    try:
+        yield [gen, comp]
+    finally:
+        tracing.generate_span, tracing.compress_span = saved
+
+
 @contextmanager
 def mode_context(mode: str) -> Iterator[telemetry_setup.Telemetry | None]:
     """Switch the instrumentation to ``mode`` for the block."""
@@ -74,9 +115,10 @@ def mode_context(mode: str) -> Iterator[telemetry_setup.Telemetry | None]:
 
 
 def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, policy: kvpolicy.Policy, mode: str
-                    ) -> tuple[float, float, kvpolicy.KVPolicyCache]:
-    """Wall-clock and process CPU seconds of one compressed prefill in ``mode``, and its cache."""
-    with mode_context(mode) as tel, torch.inference_mode():
+                    ) -> tuple[float, float, float]:
+    """Wall-clock and process CPU seconds of one compressed prefill in ``mode``, and the seconds spent
+    entering and leaving its spans."""
+    with mode_context(mode) as tel, measured(mode) as spans, torch.inference_mode():
         t0, c0 = time.perf_counter(), time.process_time()
         with kvpolicy.compress(model, policy) as cache:
             model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -84,27 +126,7 @@ def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, policy: kvpolicy.
         if tel is not None:
             n = len([s for s in tel.finished_spans() if s.name == tracing.COMPRESS_SPAN])
             assert n == len(cache.layers), f"expected {len(cache.layers)} compress spans, got {n}"
-    return dt, dc, cache
-
-
-def instrumentation_seconds(mode: str, cache: kvpolicy.KVPolicyCache, repeats: int = 200) -> float:
-    """Median time of one generate span (with ``cache``'s report) holding one compress span per layer of
-    ``cache`` (filled events), no model."""
-    n_layers = len(cache.layers)
-    ev = tracing.CompressionEvent(layer=0, phase="prefill", policy="snapkv", scorer="snapkv", merger="none",
-                                  tokens_in=2048, tokens_kept=409, tokens_dropped=1639, bytes_before=3 << 20,
-                                  bytes_after=600_000)
-    times = []
-    with mode_context(mode):
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            with tracing.generate_span("snapkv", report=cache.report):
-                for layer in range(n_layers):
-                    ev.layer = layer
-                    with tracing.compress_span(ev):
-                        pass
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return dt, dc, sum(s.seconds for s in spans)
 
 
 def main() -> None:
@@ -122,20 +144,35 @@ def main() -> None:
     policy = kvpolicy.load_policy("snapkv", budget=args.budget)
     n_layers = model.config.num_hidden_layers
 
-    *_, cache = prefill_seconds(model, ids, policy, "off")  # warm-up
+    prefill_seconds(model, ids, policy, "off")  # warm-up
     times: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    spans: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(args.runs):
         order = MODES[r % 3:] + MODES[: r % 3]  # rotate who goes first
         for m in order:
-            dt, dc, _ = prefill_seconds(model, ids, policy, m)
+            dt, dc, ds = prefill_seconds(model, ids, policy, m)
             times[m].append(dt)
             cpu[m].append(dc)
-        print(f"run {r + 1}/{args.runs}: " + ", ".join(f"{m} {times[m][-1]:.3f} s (cpu {cpu[m][-1]:.3f} s)"
-                                                       for m in MODES), flush=True)
+            spans[m].append(ds)
+        print(f"run {r + 1}/{args.runs}: " + ", ".join(
+            f"{m} {times[m][-1]:.3f} s (cpu {cpu[m][-1]:.3f} s, spans {spans[m][-1] * 1e3:.2f} ms)" for m in MODES),
+            flush=True)
+        table = render(args, n_layers, r + 1, times, cpu, spans)
+        if args.out:  # rewritten after every run: a cut-short benchmark still leaves its figures
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(table, encoding="utf-8")
+    print(table)
+    if args.out:
+        print(f"written to {args.out}")
+
+
+def render(args: argparse.Namespace, n_layers: int, done: int, times: dict[str, list[float]],
+           cpu: dict[str, list[float]], spans: dict[str, list[float]]) -> str:
+    """The Markdown results page for the runs done so far."""
     med = {m: statistics.median(v) for m, v in times.items()}
     med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
-    instr = {m: instrumentation_seconds(m, cache) for m in MODES}
+    instr = {m: statistics.median(v) for m, v in spans.items()}
 
     rows = []
     for m in MODES:
@@ -149,7 +186,7 @@ def main() -> None:
         f"# Tracing overhead: SmolLM2-135M prefill, {args.tokens} tokens, snapkv at {args.budget}",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `python benchmarks/bench_tracing.py "
-        f"--runs {args.runs}` on {platform.machine()} ({os.cpu_count()} CPUs visible, torch "
+        f"--runs {args.runs}` ({done} runs done) on {platform.machine()} ({os.cpu_count()} CPUs visible, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} at the end: the "
         f"machine was shared). {n_layers} compressions per prefill.",
         "",
@@ -163,16 +200,13 @@ def main() -> None:
         "* Wall / CPU vs off: medians of the interleaved runs (CPU: `time.process_time()`, all threads of "
         "the process) against `off`; on a shared machine their noise (compare `best` with the median) can be "
         "larger than the effect.",
-        "* Instrumentation cost: one `kvpolicy.generate` span with "
-        f"{n_layers} `kvpolicy.compress` spans (attributes and metrics included), timed alone (median of 200), "
-        "minus the `off` cost, as a share of the median `off` prefill.",
+        "* Instrumentation per prefill: time spent entering and leaving the `kvpolicy.generate` span and the "
+        f"{n_layers} `kvpolicy.compress` spans (attributes, report and metrics included, span bodies excluded) "
+        "during the same prefills, median over the runs, minus the same for `off` (bare timers); last "
+        "column: that cost as a share of the median `off` prefill.",
         "",
     ])
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table, encoding="utf-8")
-        print(f"written to {args.out}")
+    return table
 
 
 if __name__ == "__main__":
