@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="quality and speed of policies on real text: table, CSV/JSON, plots")
     add_bench_arguments(bench)
+    _add_trace(bench)
     bench.set_defaults(func=cmd_bench)
     return ap
 
