@@ -28,6 +28,8 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
+from kvpolicy.errors import KVPolicyError
+
 INSTRUMENTATION = "kvpolicy"
 PREFIX = "kvpolicy."
 GENERATE_SPAN = "kvpolicy.generate"
@@ -210,16 +212,18 @@ def compress_span(event: CompressionEvent) -> Iterator[CompressionEvent]:
 
 
 # --------------------------------------------------------------------------------------------- saved traces
+class TraceFileError(KVPolicyError, ValueError):
+    """A saved trace file is missing or is not a JSON-lines trace."""
+
+
 def read_trace(path: str) -> list[dict[str, Any]]:
     """The span records of a JSON-lines trace written by ``--trace jsonl:PATH`` (other lines skipped)."""
     import json
     from pathlib import Path
 
-    from kvpolicy.errors import ConfigError
-
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"trace file {str(p)!r} does not exist; write one with `kvpolicy run --trace jsonl:PATH`")
+        raise TraceFileError(f"trace file {str(p)!r} does not exist; write one with `kvpolicy run --trace jsonl:PATH`")
     spans = []
     for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -227,7 +231,7 @@ def read_trace(path: str) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p}:{i}: not a JSON line ({exc.msg}); expected a trace written by "
+            raise TraceFileError(f"{p}:{i}: not a JSON line ({exc.msg}); expected a trace written by "
                               f"--trace jsonl:PATH") from exc
         if isinstance(rec, dict) and rec.get("type") == "span":
             spans.append(rec)
