@@ -768,6 +768,8 @@ def check_configs(*, profile_name: str | None = None, model: bool = True) -> Non
     from kvpolicy.config import load_policy
     from kvpolicy.integrate import compress
 
+    ran: list[int] = []
+
     @profile(profile_name)
     @given(valid_configs())
     def valid(cfg: dict[str, Any]) -> None:
@@ -784,6 +786,7 @@ def check_configs(*, profile_name: str | None = None, model: bool = True) -> Non
             # when the policy first runs, as a ConfigError naming both: acceptable, anything else is not
             return
         assert out.shape == (1, 33), f"generate() returned {tuple(out.shape)}"
+        ran.append(1)
 
     @profile(profile_name)
     @given(invalid_configs())
@@ -795,6 +798,9 @@ def check_configs(*, profile_name: str | None = None, model: bool = True) -> Non
         raise InvariantError(f"[config fuzzing] invalid config accepted: {cfg!r}")
 
     valid()
+    if model and not ran:
+        raise InvariantError("[config fuzzing] no generated valid config compressed a cache: every combination "
+                             "was rejected at run time")
     invalid()
 
 
