@@ -121,13 +121,23 @@ def get_tracer() -> trace.Tracer:
     """kvpolicy's tracer (a proxy to the global provider until one is configured)."""
     global _tracer
     if _tracer is None:
-        _tracer = trace.get_tracer(INSTRUMENTATION, tracer_provider=_tracer_provider)
+        _tracer = trace.get_tracer(INSTRUMENTATION, _version(), tracer_provider=_tracer_provider)
     return _tracer
+
+
+def _version() -> str:
+    """kvpolicy's version, reported as the instrumentation scope version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvpolicy")
+    except PackageNotFoundError:
+        return ""
 
 
 class _Instruments:
     def __init__(self) -> None:
-        meter = metrics.get_meter(INSTRUMENTATION, meter_provider=_meter_provider)
+        meter = metrics.get_meter(INSTRUMENTATION, _version(), meter_provider=_meter_provider)
         self.dropped = meter.create_counter("kvpolicy.tokens_dropped", unit="{token}",
                                             description="cache entries dropped by compression")
         self.merged = meter.create_counter("kvpolicy.tokens_merged", unit="{token}",
