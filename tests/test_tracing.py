@@ -161,16 +161,28 @@ class _FailingScorer(Scorer):
         raise RuntimeError(f"scorer failed on layer {ctx.layer_idx}")
 
 
-class _FailingPlugin:
+class _FigureScorer(Scorer):
+    """Key norms; reports figures of its own (tests that they reach the span)."""
+
+    name: ClassVar[str] = "figures-for-tracing-test"
+
+    def score(self, ctx: CompressionContext) -> torch.Tensor:
+        norms = ctx.key_norms()
+        ctx.figures.update(mean_norm=float(norms.mean()), per_head=ctx.valid[:, :, 0].sum(0), note="hi",
+                           tokens_in=-1, raw=norms)
+        return norms
+
+
+class _TestPlugin:
     @kvpolicy.hookimpl
     def kvpolicy_components(self) -> list[type]:
-        return [_FailingScorer]
+        return [_FailingScorer, _FigureScorer]
 
 
 def test_exception_inside_policy_is_recorded_and_reraised(tel):
     from kvpolicy.registry import register_plugin, unregister_plugin
 
-    register_plugin(_FailingPlugin(), "failing-tracing-test")
+    register_plugin(_TestPlugin(), "failing-tracing-test")
     try:
         policy = kvpolicy.load_policy({"name": "failing", "budget": {"ratio": 0.2, "sink": 0},
                                        "scorer": {"name": _FailingScorer.name}})
@@ -197,6 +209,29 @@ def test_exception_inside_policy_is_recorded_and_reraised(tel):
     assert gen.status.status_code == StatusCode.ERROR
     assert tracing.report_rows(dict(gen.attributes))[0]["events"] == 0  # the failed event is not reported
     assert [p for p in tel.metric_points() if p["name"] == "kvpolicy.tokens_dropped"] == []
+
+
+def test_policy_figures_become_span_attributes(tel):
+    from kvpolicy.registry import register_plugin, unregister_plugin
+
+    register_plugin(_TestPlugin(), "figures-tracing-test")
+    try:
+        policy = kvpolicy.load_policy({"name": "figures", "budget": {"ratio": 0.5, "sink": 0},
+                                       "scorer": {"name": _FigureScorer.name}})
+        model = make_tiny_llama(layers=2, heads=4, kv_heads=2)
+        with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
+            model(input_ids=torch.randint(3, 128, (1, 20)), cache=cache, use_cache=True)
+    finally:
+        unregister_plugin("figures-tracing-test")
+    comp = _by_name(tel.finished_spans(), "kvpolicy.compress")
+    assert len(comp) == 2
+    for s, layer in zip(comp, cache.layers, strict=True):
+        a = s.attributes
+        assert a["kvpolicy.mean_norm"] > 0 and a["kvpolicy.note"] == "hi"
+        assert list(a["kvpolicy.per_head"]) == [1, 1]  # a 1-d tensor becomes a list
+        assert a["kvpolicy.tokens_in"] == 20  # a figure never overrides a field
+        assert "kvpolicy.raw" not in a  # a [B, H, S] tensor is not an attribute
+        assert layer.events[0].figures["note"] == "hi"  # the report's event holds them too
 
 
 @pytest.fixture
