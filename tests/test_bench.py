@@ -186,3 +186,18 @@ def test_aggregate_and_markdown():
     assert agg[1]["copy_nll"] == 2.0 and agg[1]["n"] == 2
     md = report.markdown_table(agg)
     assert "| 100 | h2o | 0.2 | 2.000 |" in md
+
+
+def test_isolated_speed_rows_join_quality_rows():
+    from kvpolicy.bench import _merge_isolated
+
+    rows = [{"policy": "h2o", "budget": 0.2, "context": 100, "copy_nll": 2.0},
+            {"policy": "h2o", "budget": 0.2, "context": 100, "peak_rss_mb": 500.0, "prefill_peak_delta_mb": 20.0,
+             "isolated": True},
+            {"policy": "plain", "budget": 1.0, "context": 100, "peak_rss_mb": 480.0, "isolated": True},
+            {"policy": "tova", "budget": 0.2, "context": 100, "error": "boom", "isolated": True}]
+    merged = _merge_isolated(rows)
+    assert [(r["policy"], r.get("peak_rss_mb")) for r in merged] == [("h2o", 500.0), ("plain", 480.0),
+                                                                     ("tova", None)]
+    assert merged[0]["copy_nll"] == 2.0 and merged[0]["prefill_peak_delta_mb"] == 20.0
+    assert [a["policy"] for a in report.aggregate(merged)] == ["h2o", "plain"]  # error rows are left out
