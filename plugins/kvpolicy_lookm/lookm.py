@@ -192,7 +192,8 @@ def _merge_joint(kept: Tensor, evicted: Tensor, key_dim: int, kept_valid: Tensor
     if evicted.shape[2] == 0:
         e = torch.zeros(*evicted.shape[:3], dtype=torch.long, device=evicted.device)
         return kept, e, e.float(), e.bool()
-    assign, sigma = ops.cosine_argmax(evicted[..., :key_dim], kept[..., :key_dim], dst_valid=kept_valid)
+    dst_valid = None if bool(kept_valid.all()) else kept_valid  # skips a masking pass over |E| x |K|
+    assign, sigma = ops.cosine_argmax(evicted[..., :key_dim], kept[..., :key_dim], dst_valid=dst_valid)
     use = similarity_filter(sigma, ev_valid, filter_mode)
     assign = assign.clamp(0, kept.shape[2] - 1)  # rows without any valid target: nothing is used there
     return merge_rule(rule, kept, evicted, assign, sigma, use), assign, sigma, use
