@@ -121,20 +121,30 @@ def plot_quality(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         metrics = [(k, t) for k, t in QUALITY_PLOTS if any(_is_num(r.get(k)) for r in rs)]
         if not metrics:
             continue
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-        for ax, (k, title) in zip(axes[0], metrics):
-            for pol in sorted({r["policy"] for r in rs}):
+        ncol = min(3, len(metrics))
+        nrow = (len(metrics) + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(5.0 * ncol, 3.8 * nrow), squeeze=False)
+        flat = [ax for row in axes for ax in row]
+        policies = sorted({r["policy"] for r in rs})
+        colors = plt.get_cmap("tab20")
+        for ax, (k, title) in zip(flat, metrics):
+            for i, pol in enumerate(policies):
                 pts = sorted((r["budget"], r[k]) for r in rs if r["policy"] == pol and _is_num(r.get(k)))
                 if not pts:
                     continue
                 if pol == "full":
                     ax.axhline(pts[0][1], color="black", linestyle="--", linewidth=1, label="full")
                 else:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+                    peer = ":" in pol  # e.g. kvpress:snapkv
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if peer else "o",
+                            linestyle=":" if peer else "-", color=colors(i % 20), label=pol)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("budget (share of the context kept)")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        for ax in flat[len(metrics):]:
+            ax.axis("off")
+        handles, labels = flat[0].get_legend_handles_labels()
+        (flat[-1] if len(flat) > len(metrics) else flat[0]).legend(handles, labels, fontsize=7, loc="center")
         fig.suptitle(f"quality vs budget, {n}-token contexts")
         fig.tight_layout()
         p = out_dir / f"quality_{n}.png"
