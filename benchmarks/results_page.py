@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--kvpress", nargs="*", default=[])
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--notes", default=None, help="a Markdown file appended after the tables")
+    ap.add_argument("--csv", default=None, help="also write the merged summary table as CSV here")
     a = ap.parse_args()
     ours, metas = load_rows(a.ours, "kvpolicy")
     peer, pmetas = load_rows(a.kvpress, "kvpress")
@@ -117,7 +118,8 @@ def main() -> int:
     if a.notes and Path(a.notes).is_file():
         parts += ["", Path(a.notes).read_text()]
     (out / "index.md").write_text("\n".join(parts) + "\n")
-    report.write_csv(summary, out / "summary.csv")
+    if a.csv:
+        report.write_csv(summary, Path(a.csv))
     print(out / "index.md")
     return 0
 
