@@ -247,7 +247,7 @@ def reconstruct(model: nn.Module, cache: KVPolicyCache) -> None:
                 inp = torch.cat([prompt, ids[:, lo:hi]], dim=1)
                 new = torch.cat([torch.ones_like(prompt, dtype=torch.bool), valid[:, lo:hi].bool()], dim=1)
                 past = torch.ones(b, cache.get_seq_length(), dtype=torch.long, device=ids.device)
-                model(input_ids=inp, attention_mask=torch.cat([past, new.long()], dim=1), past_key_values=cache,
+                model(input_ids=inp, attention_mask=torch.cat([past, new.long()], dim=1), cache=cache,
                       use_cache=True, logits_to_keep=1)
     finally:
         cache.observing = False

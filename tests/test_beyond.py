@@ -146,16 +146,16 @@ def test_reconstruction_scores_are_max_attention_of_the_reread():
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     with torch.no_grad(), kvpolicy.compress(model, policy) as cache:
-        out = model(input_ids=ids, past_key_values=cache).logits
+        out = model(input_ids=ids, cache=cache).logits
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)  # deferral does not change the prefill
         layer = cache.layers[0]
         assert layer.physical_length == 10 and layer.n_seen == 40 and cache.get_seq_length() == 40
-        nxt = model(input_ids=ids[:, :1], past_key_values=cache).logits  # decode after compression works
+        nxt = model(input_ids=ids[:, :1], cache=cache).logits  # decode after compression works
         assert torch.isfinite(nxt).all() and cache.get_seq_length() == 41
     # the observation itself: an uncompressed cache, re-read without prompt = the context twice
     with torch.no_grad(), kvpolicy.compress(model, _policy({"name": "reconstruction", "prompt": "",
                                                               "chunk": 16}, ratio=1.0)) as cache:
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, cache=cache)
         keys_before = cache.layers[0].keys.clone()
         cache.plan_input = (ids, None)
         reconstruct(model, cache)
@@ -185,7 +185,7 @@ def test_reconstruction_cost_knobs_change_the_forwards():
             calls.clear()
             pol = _policy({"name": "reconstruction", "prompt": "", "chunk": 16, "stride": stride, "tokens": tokens})
             with torch.no_grad(), kvpolicy.compress(model, pol) as cache:
-                model(input_ids=ids, attention_mask=am, past_key_values=cache)
+                model(input_ids=ids, attention_mask=am, cache=cache)
             assert calls == want
             layer = cache.layers[0]
             assert layer.valid[:, 0].sum(-1).tolist() == [16, 14]  # per-row budgets; pads never kept
@@ -200,7 +200,7 @@ def test_beyond_presets_generate_on_smollm2(smollm2, smol_passage):
     with torch.inference_mode():
         for name in ("h2o-mass", "h2o-mass-keys", "lookm-pivot-mass", "kvzip-full", "kvzip-lite", "kvzip-lite-mass"):
             with kvpolicy.compress(model, name, tokenizer=tok) as cache:
-                out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+                out = model.generate(input_ids=ids, cache=cache, max_new_tokens=3, do_sample=False)
             assert out.shape == (1, n + 3) and torch.equal(out[:, :n], ids)
             layer = cache.layers[5]
             assert layer.n_seen == n + 2
