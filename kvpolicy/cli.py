@@ -11,7 +11,7 @@ from typing import Any
 
 from kvpolicy.errors import KVPolicyError
 
-DEMO_QUESTION = "In the text above, who has taken Netherfield Park? Answer with the name."
+DEMO_QUESTION = "What is the name of the young man who has taken Netherfield Park?"
 
 
 def _budget(value: str) -> float | int:
