@@ -44,14 +44,19 @@ def attention_colsum(
     """
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
     for probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
-        out += probs.sum(dim=3).mean(dim=2)
+        out[..., : probs.shape[-1]] += probs.sum(dim=3).mean(dim=2)
     return out
 
 
 def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tensor, key_pos: Tensor,
                  key_bias: Tensor | None, query_valid: Tensor | None, max_bytes: int) -> Iterator[Tensor]:
-    """Softmax probabilities ``[B, Hkv, group, q_chunk, S]`` fp32, one query chunk at a time (0 where a
-    query is invalid or sees nothing)."""
+    """Softmax probabilities ``[B, Hkv, group, q_chunk, S']`` fp32, one query chunk at a time (0 where a
+    query is invalid or sees nothing).
+
+    Entries are kept in ascending position order, so the keys a chunk can see form a prefix: ``S'`` is
+    the length of that prefix (keys after it are invisible to every query of the chunk), which skips
+    the upper triangle of a causal prefill (about half the work).
+    """
     b, h, q, d = queries.shape
     hkv, s = keys.shape[1], keys.shape[2]
     g = h // hkv
@@ -59,11 +64,15 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     step = chunk_rows(q, b * h * s * 4 * 2, max_bytes)
     for lo in range(0, q, step):
         hi = min(q, lo + step)
+        n = int((key_pos <= query_pos[:, lo:hi].max()).sum(-1).max())
+        n = max(1, n)
+        if not bool((key_pos[..., n:] > query_pos[:, lo:hi].max()).all()):
+            n = s  # positions not sorted: no prefix shortcut
         qc = queries[:, :, lo:hi].float().reshape(b, hkv, g * (hi - lo), d)
-        logits = (qc @ k32.transpose(-1, -2)).mul_(scaling).view(b, hkv, g, hi - lo, s)
-        visible = key_pos[:, :, None, None, :] <= query_pos[:, None, None, lo:hi, None]
+        logits = (qc @ k32[:, :, :n].transpose(-1, -2)).mul_(scaling).view(b, hkv, g, hi - lo, n)
+        visible = key_pos[:, :, None, None, :n] <= query_pos[:, None, None, lo:hi, None]
         if key_bias is not None:
-            logits += key_bias[:, :, None, None, :]
+            logits += key_bias[:, :, None, None, :n]
         logits.masked_fill_(~visible, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if query_valid is not None:
@@ -89,7 +98,8 @@ def attention_colmax(
     """
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
     for probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
-        out = torch.maximum(out, probs.amax(dim=(2, 3)))
+        n = probs.shape[-1]
+        out[..., :n] = torch.maximum(out[..., :n], probs.amax(dim=(2, 3)))
     return out
 
 
