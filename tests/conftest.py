@@ -33,6 +33,20 @@ def make_tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: 
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_tiny_llava(image_size: int, n_img: int, img_id: int, seed: int = 0):
+    """Tiny random LLaVA: CLIP tower with 4 px patches, Llama text model with GQA (2 layers, 4/2 heads)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=image_size, patch_size=4, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+        image_token_index=img_id, image_seq_length=n_img)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()

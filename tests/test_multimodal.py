@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import kvpolicy
 from kvpolicy.integrate import attention_modules, visual_token_ids
+
+from conftest import make_tiny_llava
 
 IMG, VID, V_START, V_END = 100, 101, 102, 103
 N_IMG = 144
@@ -26,14 +27,7 @@ def _text(n: int, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def llava():
     """Tiny LLaVA: CLIP tower 48x48 px, 4 px patches -> 144 visual tokens; Llama text model with GQA."""
-    torch.manual_seed(0)
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=48, patch_size=4, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        image_token_index=IMG, image_seq_length=N_IMG)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = make_tiny_llava(48, N_IMG, IMG)
     ids = torch.cat([_text(2, 1), torch.full((1, N_IMG), IMG), _text(14, 2)], 1)
     inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(3))}
     return model, inputs

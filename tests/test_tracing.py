@@ -372,17 +372,10 @@ def test_tiny_llava_lookm_reports_image_tokens(tel):
     """LOOK-M on a tiny LLaVA: 2 text + 64 image + 10 text tokens, budget 0.2 -> 15 entries per layer; the
     text prior keeps all 12 text tokens, so 3 image entries stay and the other 61 images are merged."""
     pytest.importorskip("kvpolicy_lookm")
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from conftest import make_tiny_llava
 
     img_id, n_img = 100, 64
-    torch.manual_seed(0)
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=4, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        image_token_index=img_id, image_seq_length=n_img)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = make_tiny_llava(32, n_img, img_id)
     g = torch.Generator().manual_seed(4)
     ids = torch.cat([torch.randint(1, 100, (1, 2), generator=g), torch.full((1, n_img), img_id),
                      torch.randint(1, 100, (1, 10), generator=g)], 1)
