@@ -62,7 +62,7 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     layer = cache.layers[layer_idx]
     if layer.keys is not key:
         raise CacheUsageError(f"layer {layer_idx} attended over keys that are not the kvpolicy cache's: inside "
-                              f"kvpolicy.compress(), pass past_key_values=cache to generate()/forward()")
+                              f"kvpolicy.compress(), pass cache=cache (or past_key_values=cache) to generate()/forward()")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len = query.shape[2]
     mask = layer.attention_mask(q_len, None)
@@ -130,7 +130,7 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
 
     ``policy`` is a :class:`~kvpolicy.policy.Policy` or anything :func:`kvpolicy.load_policy` takes
     (then ``overrides`` such as ``budget=0.2`` apply). Yields the cache to pass as
-    ``model.generate(..., past_key_values=cache)`` or ``model(..., past_key_values=cache)``.
+    ``model.generate(..., cache=cache)`` or ``model(..., cache=cache)``.
     Set ``cache.modality`` to a ``[B, L]`` bool mask (True = visual) to override modality detection.
     ``tokenizer`` encodes the prompt of a policy that re-reads its context (see :func:`reconstruct`);
     by default the model's own local tokenizer directory is used.
@@ -154,7 +154,7 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
     def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         passed = kwargs.get("past_key_values", kwargs.get("cache"))
         if passed is not cache:
-            raise CacheUsageError("inside kvpolicy.compress(), call the model with past_key_values=cache "
+            raise CacheUsageError("inside kvpolicy.compress(), call the model with cache=cache (or past_key_values=cache) "
                                   f"(got {type(passed).__name__})")
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")

@@ -212,7 +212,7 @@ def test_model_with_sliding_window_layers_is_refused():
 def test_cache_used_outside_its_block_or_with_another_cache(tiny_llama):
     ids = torch.randint(3, 100, (1, 20))
     with kvpolicy.compress(tiny_llama, "snapkv") as cache:
-        with pytest.raises(CacheUsageError, match="past_key_values=cache"):
+        with pytest.raises(CacheUsageError, match="call the model with cache=cache"):
             tiny_llama(input_ids=ids, cache=DynamicCache())
     with pytest.raises(CacheUsageError, match="not attached"):
         tiny_llama(input_ids=ids, cache=cache)

@@ -242,7 +242,7 @@ def _run(model, policy, ids, modality=None, new=3):
     with kvpolicy.compress(model, policy) as cache:
         if modality is not None:
             cache.modality = modality
-        model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+        model.generate(input_ids=ids, cache=cache, max_new_tokens=new, min_new_tokens=new,
                        do_sample=False)
     return cache
 
@@ -296,7 +296,7 @@ def test_presets_generate_on_smollm2(smollm2, smol_passage, preset):
     model, _ = smollm2
     ids = smol_passage[:, :500]
     with kvpolicy.compress(model, preset, budget=0.2) as cache:
-        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=32, min_new_tokens=32,
+        out = model.generate(input_ids=ids, cache=cache, max_new_tokens=32, min_new_tokens=32,
                              do_sample=False)
     assert out.shape == (1, 532)
     report = cache.report()

@@ -56,7 +56,7 @@ MODELS = ["llava", "qwen2vl"]
 
 
 def _generate(model, inputs, cache=None, new=6):
-    kw = {} if cache is None else {"past_key_values": cache}
+    kw = {} if cache is None else {"cache": cache}
     return model.generate(**inputs, **kw, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                           output_logits=True, return_dict_in_generate=True)
 
@@ -140,7 +140,7 @@ def test_llava_batch_with_left_padding(llava):
     mask = (torch.arange(160) >= torch.tensor([[10], [0]])).long()
     pix = inputs["pixel_values"].repeat(2, 1, 1, 1)
     with kvpolicy.compress(model, "lookm-pivot", budget=0.2) as cache:
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, past_key_values=cache,
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, cache=cache,
                              max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (2, 163)
     for layer in cache.layers:
