@@ -55,6 +55,7 @@ class KVPolicyLayer(DynamicLayer):
         self.scaling: float | None = None
         self.n_before = 0  # n_seen before the current forward
         self.pending = False  # compress after this forward's attention
+        self.query_colsum: Tensor | None = None  # [B, Hkv, S] set by fused_prefill_attention for this event
         self.state: dict[str, Any] = {}
         self.events: list[tracing.CompressionEvent] = []
 
@@ -214,6 +215,7 @@ class KVPolicyCache(Cache):
         self.modality: Tensor | None = None  # [B, L] bool override for the next prefill (True = visual)
         obs = policy.observations
         self._keep_acc = policy.decode.compacts and "accumulated_attention" in obs
+        self._wants_acc = "accumulated_attention" in obs
         self._qwindow = policy.decode.query_window if policy.decode.compacts else 0
         # deferred prefill (context reconstruction): see kvpolicy.integrate and ReconstructionPlan
         self.plan = policy.reconstruction()
@@ -277,6 +279,29 @@ class KVPolicyCache(Cache):
                 query, layer.keys, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
                 key_bias=_bias_with_validity(layer))
 
+    def fused_prefill_attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor | None:
+        """The prefill attention ``[B, H, q, D]`` with its column sums kept for the compression that follows,
+        or None when plain SDPA should run.
+
+        A policy whose scorer needs the accumulated attention of every prefill query would otherwise
+        compute ``Q·Kᵀ`` and the softmax twice (SDPA, then the statistic); see
+        :func:`kvpolicy.observe.attention_with_colsum`. Only for inference (no autograd through it) and
+        only when the layer compresses now or keeps the statistic for its decode rule.
+        """
+        layer: KVPolicyLayer = self.layers[layer_idx]
+        if (not layer.pending or not self._wants_acc or self.plan is not None or self.observing
+                or (query.requires_grad and torch.is_grad_enabled())):
+            return None
+        if not self._keep_acc and self._budgets is not None and bool(
+                (self._budgets[layer_idx].total >= layer.valid[:, 0].sum(-1).cpu()).all()):
+            return None  # the layer keeps everything: nobody reads the statistic
+        b, _, q, _ = query.shape
+        qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q)
+        out, layer.query_colsum = observe.attention_with_colsum(
+            query, layer.keys, layer.values, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
+            key_bias=_bias_with_validity(layer), query_valid=layer.valid[:, 0, -q:])
+        return out
+
     def _ctx(self, layer: KVPolicyLayer, phase: str, budget: LayerBudget, scaling: float, **kw: Any
              ) -> CompressionContext:
         return CompressionContext(
@@ -291,7 +316,9 @@ class KVPolicyCache(Cache):
         b, _, q, _ = query.shape
         qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q)
         qvalid = layer.valid[:, 0, -q:]
-        ctx = self._ctx(layer, "prefill", budget, scaling, queries=query, query_pos=qpos, query_valid=qvalid)
+        ctx = self._ctx(layer, "prefill", budget, scaling, queries=query, query_pos=qpos, query_valid=qvalid,
+                        query_colsum=layer.query_colsum)
+        layer.query_colsum = None
         physical_valid = layer.valid[:, 0].sum(-1).cpu()
         if bool((budget.total >= physical_valid).all()):
             if self._keep_acc:

@@ -5,7 +5,9 @@ interface, switches the language model's attention modules to it for the duratio
 adds a forward pre-hook on the model that tells the cache which new tokens are padding and which are
 visual. The attention function computes each layer's attention (SDPA) with a mask built from the
 cache's per-entry metadata, then lets the cache compress that layer right away: peak memory holds one
-full layer plus the compressed ones. On exit the model is restored exactly.
+full layer plus the compressed ones. When the policy scores by the accumulated attention of every
+prefill query, the prefill attention is computed by the cache instead, in fp32 query chunks that yield
+the output and the statistic from one softmax (no second ``Q·Kᵀ`` pass). On exit the model is restored exactly.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
                               f"kvpolicy.compress(), pass cache=cache (or past_key_values=cache) to generate()/forward()")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len = query.shape[2]
-    mask = layer.attention_mask(q_len, None)
-    out = sdpa(query, key, value, mask, scale, causal=q_len > 1)
+    out = cache.fused_prefill_attention(layer_idx, query, scale)
+    if out is None:
+        out = sdpa(query, key, value, layer.attention_mask(q_len, None), scale, causal=q_len > 1)
     cache.after_attention(layer_idx, query, scale)
     return out.transpose(1, 2).contiguous(), None
 

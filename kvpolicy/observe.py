@@ -43,15 +43,50 @@ def attention_colsum(
         ``[B, Hkv, S]`` fp32: per KV head, the mean over its query heads of the summed attention.
     """
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
         out[..., : probs.shape[-1]] += probs.sum(dim=3).mean(dim=2)
     return out
 
 
+def attention_with_colsum(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    *,
+    scaling: float,
+    query_pos: Tensor,
+    key_pos: Tensor,
+    key_bias: Tensor | None = None,
+    query_valid: Tensor | None = None,
+    max_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[Tensor, Tensor]:
+    """The attention output and :func:`attention_colsum` from one pass over the probabilities.
+
+    A prefill whose scorer needs the accumulated attention of every query (H2O, LOOK-M, Elastic Cache,
+    KVMerger) would otherwise compute ``Q·Kᵀ`` and the softmax twice: once inside SDPA, once for the
+    statistic. Here each fp32 query chunk's probabilities give both ``probs @ V`` and their column sums.
+    Same arguments as :func:`attention_colsum`, plus ``values [B, Hkv, S, Dv]``.
+
+    Returns:
+        ``([B, H, Q, Dv]`` output in the queries' dtype (0 for invalid queries), ``[B, Hkv, S]`` fp32 sums).
+    """
+    b, h, q, _ = queries.shape
+    hkv, dv = values.shape[1], values.shape[-1]
+    v32 = values.float()[:, :, None]
+    out = torch.empty(b, hkv, h // hkv, q, dv, dtype=queries.dtype, device=queries.device)
+    sums = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for lo, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+        n = probs.shape[-1]
+        out[:, :, :, lo: lo + probs.shape[3]] = probs @ v32[..., :n, :]
+        sums[..., :n] += probs.sum(dim=3).mean(dim=2)
+    return out.view(b, h, q, dv), sums
+
+
 def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tensor, key_pos: Tensor,
-                 key_bias: Tensor | None, query_valid: Tensor | None, max_bytes: int) -> Iterator[Tensor]:
-    """Softmax probabilities ``[B, Hkv, group, q_chunk, S']`` fp32, one query chunk at a time (0 where a
-    query is invalid or sees nothing).
+                 key_bias: Tensor | None, query_valid: Tensor | None, max_bytes: int
+                 ) -> Iterator[tuple[int, Tensor]]:
+    """``(first query index, softmax probabilities [B, Hkv, group, q_chunk, S'] fp32)``, one query chunk at
+    a time (0 where a query is invalid or sees nothing).
 
     Entries are kept in ascending position order, so the keys a chunk can see form a prefix: ``S'`` is
     the length of that prefix (keys after it are invisible to every query of the chunk), which skips
@@ -60,24 +95,36 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     b, h, q, d = queries.shape
     hkv, s = keys.shape[1], keys.shape[2]
     g = h // hkv
+    queries, keys = queries.detach(), keys.detach()  # statistics, never differentiated
     k32 = keys.float()
     step = chunk_rows(q, b * h * s * 4 * 2, max_bytes)
+    # Two buffers reused by every chunk (logits, probabilities): a fresh multi-MiB tensor per chunk costs
+    # more in page faults than the softmax itself on CPU. The yielded tensor is a view of the second one,
+    # valid until the next chunk.
+    logits_buf = torch.empty(b * h * step * s, dtype=torch.float32, device=keys.device)
+    probs_buf = torch.empty_like(logits_buf)
     for lo in range(0, q, step):
         hi = min(q, lo + step)
-        n = int((key_pos <= query_pos[:, lo:hi].max()).sum(-1).max())
-        n = max(1, n)
-        if not bool((key_pos[..., n:] > query_pos[:, lo:hi].max()).all()):
+        c = hi - lo
+        last = query_pos[:, lo:hi].max()
+        n = max(1, int((key_pos <= last).sum(-1).max()))
+        if not bool((key_pos[..., n:] > last).all()):
             n = s  # positions not sorted: no prefix shortcut
-        qc = queries[:, :, lo:hi].float().reshape(b, hkv, g * (hi - lo), d)
-        logits = (qc @ k32[:, :, :n].transpose(-1, -2)).mul_(scaling).view(b, hkv, g, hi - lo, n)
-        visible = key_pos[:, :, None, None, :n] <= query_pos[:, None, None, lo:hi, None]
-        if key_bias is not None:
-            logits += key_bias[:, :, None, None, :n]
-        logits.masked_fill_(~visible, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        # additive mask [B, Hkv, 1, c, n]: the entry's bias where visible, -inf where not
+        hidden = key_pos[:, :, None, None, :n] > query_pos[:, None, None, lo:hi, None]
+        add = (key_bias[:, :, None, None, :n].expand(b, hkv, 1, c, n) if key_bias is not None
+               else torch.zeros(b, hkv, 1, c, n, device=keys.device)).masked_fill(hidden, float("-inf"))
+        qc = (queries[:, :, lo:hi].float() * scaling).reshape(b, hkv, g * c, d)
+        logits = logits_buf[: b * h * c * n].view(b, hkv, g * c, n)
+        torch.matmul(qc, k32[:, :, :n].transpose(-1, -2), out=logits)
+        logits = logits.view(b, hkv, g, c, n).add_(add)
+        probs = torch.softmax(logits, dim=-1, out=probs_buf[: b * h * c * n].view(b, hkv, g, c, n))
+        dead = add.amax(dim=-1, keepdim=True) == float("-inf")  # [B, Hkv, 1, c, 1] sees nothing
         if query_valid is not None:
-            probs = torch.where(query_valid[:, None, None, lo:hi, None], probs, 0.0)
-        yield torch.nan_to_num_(probs, nan=0.0)
+            dead = dead | ~query_valid[:, None, None, lo:hi, None]
+        if bool(dead.any()):
+            probs.masked_fill_(dead, 0.0)
+        yield lo, probs
 
 
 def attention_colmax(
@@ -97,7 +144,7 @@ def attention_colmax(
     Returns ``[B, Hkv, S]`` fp32 (0 for keys no valid query sees).
     """
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
         n = probs.shape[-1]
         out[..., :n] = torch.maximum(out[..., :n], probs.amax(dim=(2, 3)))
     return out

@@ -118,6 +118,8 @@ class CompressionContext:
     query_valid: Tensor | None = None  # [B, Q] bool
     key_bias: Tensor | None = None  # [B, Hkv, S] fp32 (-inf invalid, log n merged)
     accumulated: Tensor | None = None  # [B, Hkv, S] fp32, attention accumulated before this event
+    #: [B, Hkv, S] fp32 attention this event's queries gave each entry, when the attention pass computed it
+    query_colsum: Tensor | None = None
     multiplicity: Tensor | None = None  # [B, Hkv, S] fp32, tokens each entry stands for
     #: [B, Hkv, S] fp32, max attention each entry received from the queries of a context-reconstruction
     #: pass (set only for policies whose steps return a :class:`ReconstructionPlan`, see the cache)
@@ -148,8 +150,10 @@ class CompressionContext:
             if self.phase == "decode" and self.accumulated is not None:
                 self._memo["acc"] = self.accumulated
             else:
-                q = self._need_queries("accumulated attention")
-                acc = self._colsum(q, self.query_pos, self.query_valid)
+                acc = self.query_colsum
+                if acc is None:
+                    q = self._need_queries("accumulated attention")
+                    acc = self._colsum(q, self.query_pos, self.query_valid)
                 if self.accumulated is not None:
                     acc = acc + self.accumulated
                 self._memo["acc"] = acc

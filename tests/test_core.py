@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy import observe
+from kvpolicy.cache import KVPolicyCache
 from kvpolicy.errors import BudgetError, CacheUsageError, ConfigError, UnknownComponentError, UnsupportedModelError
 
 from conftest import make_tiny_llama
@@ -146,6 +147,61 @@ def test_chunked_colsum_equals_dense_eager(tiny_llama):
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
     # invariant: every valid query spreads a total mass of 1 over the keys it sees
     torch.testing.assert_close(got.sum(-1), valid.sum(-1, keepdim=True).float().expand(b, hkv), atol=1e-4, rtol=0)
+
+
+def test_fused_attention_with_colsum_equals_dense_attention():
+    """One pass gives SDPA's output (for every valid query) and the same column sums as attention_colsum."""
+    torch.manual_seed(4)
+    b, h, hkv, s, d = 2, 6, 2, 29, 8
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    pos = torch.arange(s)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :7] = False
+    bias = torch.randn(b, hkv, s).masked_fill(~valid[:, None, :], float("-inf"))  # e.g. log n of merged entries
+    kw = dict(scaling=d ** -0.5, query_pos=pos.expand(b, s), key_pos=pos.expand(b, hkv, s), key_bias=bias,
+              query_valid=valid, max_bytes=2048)
+    out, sums = observe.attention_with_colsum(q, k, v, **kw)
+    torch.testing.assert_close(sums, observe.attention_colsum(q, k, **kw), atol=1e-6, rtol=0)
+    g = h // hkv
+    causal = torch.full((s, s), float("-inf")).triu(1)
+    mask = (causal[None, None] + bias[:, :, None, :]).repeat_interleave(g, dim=1)
+    ref = torch.softmax(q @ k.repeat_interleave(g, 1).transpose(-1, -2) * d ** -0.5 + mask, -1) @ v.repeat_interleave(g, 1)
+    rows = valid[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
+    assert bool((out[~rows] == 0).all()), "padding queries attend to nothing"
+
+
+def test_fused_prefill_compresses_exactly_like_sdpa_plus_statistic(tiny_llama, monkeypatch):
+    """H2O's prefill takes the fused path under no_grad; turning it off changes nothing but the cost."""
+    torch.manual_seed(5)
+    ids = torch.randint(3, 100, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    calls = []
+    fused = KVPolicyCache.fused_prefill_attention
+
+    def spy(self, *a, **kw):
+        out = fused(self, *a, **kw)
+        calls.append(out is not None)
+        return out
+
+    def run():
+        with torch.no_grad(), kvpolicy.compress(tiny_llama, "h2o", budget=0.3) as cache:
+            out = tiny_llama.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=5,
+                                      do_sample=False, pad_token_id=0, output_logits=True,
+                                      return_dict_in_generate=True)
+        return out, [layer.positions.clone() for layer in cache.layers]
+
+    monkeypatch.setattr(KVPolicyCache, "fused_prefill_attention", spy)
+    out_fused, pos_fused = run()
+    assert calls[:2] == [True, True], "the prefill of both layers ran fused"
+    monkeypatch.setattr(KVPolicyCache, "fused_prefill_attention", lambda self, *a, **kw: None)
+    out_sdpa, pos_sdpa = run()
+    for a, b_ in zip(pos_fused, pos_sdpa):
+        assert torch.equal(a, b_)
+    assert torch.equal(out_fused.sequences, out_sdpa.sequences)
+    for a, b_ in zip(out_fused.logits, out_sdpa.logits):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
 
 
 def test_scoring_at_8k_allocates_no_LxL_buffer():
