@@ -20,8 +20,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpolicy import observe, ops, tracing
 from kvpolicy.errors import CacheUsageError
-from kvpolicy.policy import (Compact, CompressionContext, DecodeView, KeepIndices, LayerBudget, Merged, Policy,
-                             Selection)
+from kvpolicy.policy import (Compact, CompressionContext, DecodeRule, DecodeView, KeepIndices, LayerBudget,
+                             Merged, Policy, Selection)
 
 
 @dataclass
@@ -400,7 +400,10 @@ class KVPolicyCache(Cache):
         layer.events.append(ev)
 
     def _decode_step(self, layer: KVPolicyLayer) -> None:
-        action = self.policy.decode.on_decode(self._view(layer))
+        rule = self.policy.decode
+        if type(rule).on_decode is DecodeRule.on_decode:
+            return  # a rule that never acts while decoding (e.g. "none"): skip building its view
+        action = rule.on_decode(self._view(layer))
         if action is None:
             return
         if isinstance(action, KeepIndices):
