@@ -111,3 +111,14 @@ def test_baseline_keeps_the_reference_entries_and_generates(smollm2, smol_passag
             first = out.sequences[:, L:L + 1]
             ref = model(input_ids=first, position_ids=torch.tensor([[L]]), cache=gathered).logits[:, -1]
         torch.testing.assert_close(out.logits[1], ref, atol=1e-4, rtol=0)
+
+
+def test_snapkv_budget_below_its_window_keeps_the_most_recent_window_entries(tiny_llama):
+    """Window entries rank by recency above every prefix entry: a 10-entry budget keeps the last 10."""
+    ids = torch.randint(3, 100, (2, 50))
+    policy = kvpolicy.load_policy({"scorer": {"name": "snapkv", "window": 32},
+                                   "budget": {"tokens": 10, "sink": 0, "recent": 0}})
+    with torch.no_grad(), kvpolicy.compress(tiny_llama, policy) as cache:
+        tiny_llama(input_ids=ids, cache=cache)
+    for layer in cache.layers:
+        assert torch.equal(layer.positions, torch.arange(40, 50).expand(2, layer.positions.shape[1], 10))

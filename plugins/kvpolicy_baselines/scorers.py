@@ -32,8 +32,15 @@ class AccumulatedAttention(Scorer):
         return ctx.accumulated_attention()
 
 
+WINDOW_FLOOR = float(2**23)  # SnapKV window scores: above any pooled vote, below 2**24 (fp32-exact integers)
+
+
 class SnapKV(Scorer):
-    """SnapKV: observation-window attention, pooled over neighbouring positions; window kept."""
+    """SnapKV: observation-window attention, pooled over neighbouring positions; window kept.
+
+    Window entries score above every prefix entry, ordered by recency, so a budget smaller than the
+    window keeps its most recent entries.
+    """
 
     name: ClassVar[str] = "snapkv"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
@@ -53,7 +60,8 @@ class SnapKV(Scorer):
         scores = pooled.reshape(b, h, s)
         rank, count = ops.valid_rank(ctx.valid)
         in_window = ctx.valid & (rank >= count.unsqueeze(-1) - self.window)
-        return scores.masked_fill(in_window, float("inf"))
+        # pooled votes are at most `window`; 2**23 + rank is exact in fp32 for ranks below 2**23
+        return torch.where(in_window, WINDOW_FLOOR + rank.float(), scores)
 
 
 class TOVA(Scorer):
