@@ -215,7 +215,10 @@ class KVPolicyCache(Cache):
         self.modality: Tensor | None = None  # [B, L] bool override for the next prefill (True = visual)
         obs = policy.observations
         self._keep_acc = policy.decode.compacts and "accumulated_attention" in obs
-        self._wants_acc = "accumulated_attention" in obs
+        # the exact statistic is computed inside the prefill attention, unless a step opted into estimating
+        # it from a stride of queries (CompressionContext.accumulated_attention; the others then reuse it)
+        self._wants_acc = "accumulated_attention" in obs and all(
+            getattr(step, "query_stride", 1) == 1 for step in policy.steps())
         self._qwindow = policy.decode.query_window if policy.decode.compacts else 0
         # deferred prefill (context reconstruction): see kvpolicy.integrate and ReconstructionPlan
         self.plan = policy.reconstruction()
@@ -322,7 +325,7 @@ class KVPolicyCache(Cache):
         physical_valid = layer.valid[:, 0].sum(-1).cpu()
         if bool((budget.total >= physical_valid).all()):
             if self._keep_acc:
-                layer.acc = ctx.accumulated_attention()
+                layer.acc = ctx.computed_accumulated()
             self._notify_prefill(layer)
             return
         self._run_policy(layer, ctx, "prefill", "compress")
@@ -376,7 +379,7 @@ class KVPolicyCache(Cache):
         with tracing.compress_span(ev):
             selection, merged = self.policy.compress(ctx)
             if self._keep_acc:
-                layer.acc = ctx.accumulated_attention()
+                layer.acc = ctx.computed_accumulated()
             self._finish_event(layer, ev, selection, merged, ctx.figures)
 
     def _event(self, layer: KVPolicyLayer, phase: str, event_name: str) -> tracing.CompressionEvent:

@@ -144,8 +144,15 @@ class CompressionContext:
         return observe.attention_colsum(q, self.keys, scaling=self.scaling, query_pos=qpos,
                                         key_pos=self.positions, key_bias=self.key_bias, query_valid=qvalid)
 
-    def accumulated_attention(self) -> Tensor:
-        """``[B, Hkv, S]``: attention each entry received from all queries so far (H2O's score)."""
+    def accumulated_attention(self, query_stride: int = 1) -> Tensor:
+        """``[B, Hkv, S]``: attention each entry received from all queries so far (H2O's score).
+
+        ``query_stride > 1`` estimates it from every ``query_stride``-th query of this event (counted back
+        from the last one, which is always included), scaled by ``query_stride``: a ``1/query_stride``
+        share of the cost of the exact statistic.
+        """
+        if query_stride > 1:
+            return self._strided_accumulated(query_stride)
         if "acc" not in self._memo:
             if self.phase == "decode" and self.accumulated is not None:
                 self._memo["acc"] = self.accumulated
@@ -158,6 +165,27 @@ class CompressionContext:
                     acc = acc + self.accumulated
                 self._memo["acc"] = acc
         return self._memo["acc"]
+
+    def computed_accumulated(self) -> Tensor:
+        """The accumulated attention this event already computed (exact, else a step's strided estimate),
+        computing the exact one only if nobody asked; the cache carries it into decoding."""
+        if "acc" not in self._memo:
+            for key, value in self._memo.items():
+                if isinstance(key, tuple) and key[0] == "acc":
+                    return value
+        return self.accumulated_attention()
+
+    def _strided_accumulated(self, stride: int) -> Tensor:
+        key = ("acc", stride)
+        if key not in self._memo:
+            if self.phase == "decode" and self.accumulated is not None:
+                return self.accumulated
+            q = self._need_queries("accumulated attention")
+            pick = torch.arange(q.shape[2] - 1, -1, -stride, device=q.device).flip(0)
+            qv = None if self.query_valid is None else self.query_valid[:, pick]
+            acc = self._colsum(q[:, :, pick], self.query_pos[:, pick], qv).mul_(stride)
+            self._memo[key] = acc if self.accumulated is None else acc + self.accumulated
+        return self._memo[key]
 
     def window_attention(self, window: int) -> Tensor:
         """``[B, Hkv, S]``: attention summed over the last ``window`` queries (SnapKV's observation)."""

@@ -25,7 +25,9 @@ def reference(smollm2, smol_passage):
 
     def hook(_mod, _inp, out):
         probs = out[1][0].float()  # [H, L, L]
-        stats.append({"colsum": probs.sum(1), "last32": probs[:, -32:].sum(1), "last": probs[:, -1]})
+        L = probs.shape[1]
+        stats.append({"colsum": probs.sum(1), "last32": probs[:, -32:].sum(1), "last": probs[:, -1],
+                      "stride8": probs[:, (L - 1) % 8::8].sum(1)})  # queries L-1, L-9, ... (strided H2O)
 
     handles = [layer.self_attn.register_forward_hook(hook) for layer in model.model.layers]
     model.set_attn_implementation("eager")
@@ -62,9 +64,10 @@ def expected_kept(preset: str, layer: int, st: dict, keys: torch.Tensor, n_layer
         w, m = 32, B - 32
         lo, hi = m / 20, 2 * m - m / 20
         B = int(w + hi - layer * (hi - lo) / (n_layers - 1))
-    if preset == "h2o":
+    if preset in ("h2o", "h2o-stride8"):
         recent = int(B * 0.5)
-        return _top(_group_mean(st["colsum"], hkv), (pos < 4) | (pos >= L - recent), B)
+        votes = st["colsum"] if preset == "h2o" else st["stride8"]
+        return _top(_group_mean(votes, hkv), (pos < 4) | (pos >= L - recent), B)
     if preset in ("snapkv", "pyramidkv"):
         votes = _group_mean(st["last32"], hkv)
         pooled = F.avg_pool1d(votes[:, None], 7, stride=1, padding=3, count_include_pad=False)[:, 0]
@@ -81,13 +84,22 @@ def expected_kept(preset: str, layer: int, st: dict, keys: torch.Tensor, n_layer
     raise AssertionError(preset)
 
 
-@pytest.mark.parametrize("preset", ["streaming", "h2o", "snapkv", "tova", "knorm", "random", "pyramidkv"])
+def _policy(preset: str) -> object:
+    if preset == "h2o-stride8":  # H2O's score estimated from every 8th prefill query
+        cfg = kvpolicy.load_policy("h2o").to_config()
+        cfg["scorer"]["query_stride"] = 8
+        return kvpolicy.load_policy(cfg)
+    return preset
+
+
+@pytest.mark.parametrize("preset", ["streaming", "h2o", "h2o-stride8", "snapkv", "tova", "knorm", "random",
+                                    "pyramidkv"])
 def test_baseline_keeps_the_reference_entries_and_generates(smollm2, smol_passage, reference, preset):
     model, _ = smollm2
     stats, full = reference
     L = smol_passage.shape[1]
     n_layers = len(model.model.layers)
-    with torch.no_grad(), kvpolicy.compress(model, preset, budget=RATIO) as cache:
+    with torch.no_grad(), kvpolicy.compress(model, _policy(preset), budget=RATIO) as cache:
         out = model.generate(input_ids=smol_passage, cache=cache, max_new_tokens=32, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     assert out.sequences.shape[1] == L + 32

@@ -23,13 +23,19 @@ from kvpolicy.policy import CompressionContext, Scorer
 
 
 class AccumulatedAttention(Scorer):
-    """H2O heavy hitters: column sums of the attention of every query seen (GQA: group mean)."""
+    """H2O heavy hitters: column sums of the attention of every query seen (GQA: group mean).
+
+    ``query_stride: s > 1`` estimates the sums from every ``s``-th prefill query (the last one included),
+    at ``1/s`` of the cost; ``1`` (default) is exact and computed inside the prefill attention.
+    """
 
     name: ClassVar[str] = "accumulated-attention"
     observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
+    query_stride: int = Field(default=1, ge=1, le=4096,
+                              description="estimate from every s-th prefill query (1 = exact)")
 
     def score(self, ctx: CompressionContext) -> Tensor:
-        return ctx.accumulated_attention()
+        return ctx.accumulated_attention(self.query_stride)
 
 
 WINDOW_FLOOR = float(2**23)  # SnapKV window scores: above any pooled vote, below 2**24 (fp32-exact integers)

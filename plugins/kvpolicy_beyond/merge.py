@@ -68,7 +68,7 @@ def entry_weights(ctx: CompressionContext, scores: Tensor, weights: Weights) -> 
         return entry_multiplicity(ctx)
     if weights == "attention":
         try:
-            w = ctx.accumulated_attention()
+            w = ctx.computed_accumulated()  # the scorer's statistic (exact or its strided estimate)
         except ConfigError as err:
             raise ConfigError(f"merger weights='attention' needs the queries of this event ({err}); use "
                               f"weights='score' or 'count' with this scorer") from None
