@@ -58,6 +58,7 @@ class KVPolicyLayer(DynamicLayer):
         self.query_colsum: Tensor | None = None  # [B, Hkv, S] set by fused_prefill_attention for this event
         self.state: dict[str, Any] = {}
         self.events: list[tracing.CompressionEvent] = []
+        self._buffers: dict[str, Tensor] = {}  # per-entry storage with spare room (see _extend)
 
     # --- transformers layer API
     def get_seq_length(self) -> int:
@@ -121,20 +122,44 @@ class KVPolicyLayer(DynamicLayer):
             self.keys, self.values = key_states, value_states
             self.positions, self.valid, self.is_image = pos.contiguous(), valid.contiguous(), img.contiguous()
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            self.positions = torch.cat([self.positions, pos], dim=-1)
-            self.valid = torch.cat([self.valid, valid], dim=-1)
-            self.is_image = torch.cat([self.is_image, img], dim=-1)
+            self._extend("keys", key_states)
+            self._extend("values", value_states)
+            self._extend("positions", pos)
+            self._extend("valid", valid)
+            self._extend("is_image", img)
             if self.bias is not None:
-                self.bias = torch.cat([self.bias, self.bias.new_zeros(b, h, q)], dim=-1)
+                self._extend("bias", self.bias.new_zeros(b, h, q))
             if self.mult is not None:
-                self.mult = torch.cat([self.mult, self.mult.new_ones(b, h, q)], dim=-1)
+                self._extend("mult", self.mult.new_ones(b, h, q))
             if self.acc is not None:
-                self.acc = torch.cat([self.acc, self.acc.new_zeros(b, h, q)], dim=-1)
+                self._extend("acc", self.acc.new_zeros(b, h, q))
         self.image_seen += int((valid[:, 0] & img[:, 0]).sum())
         self.n_before = self.n_seen
         self.n_seen += q
+
+    def _extend(self, name: str, new: Tensor) -> None:
+        """Append ``new`` along the sequence axis of attribute ``name``, in place when there is room.
+
+        Each per-entry tensor is a prefix view of a buffer with spare room (``len / 16``, at least 64
+        entries), so a decode step writes one entry instead of copying the whole layer as ``torch.cat``
+        does. A tensor that is not such a view (fresh from a prefill or a compression) moves into a new
+        buffer once. Writes go past the current length only, so a view handed out earlier changes only
+        where the layer was cropped since (nothing keeps such views).
+        """
+        cur: Tensor = getattr(self, name)
+        dim = cur.dim() - (2 if name in ("keys", "values") else 1)
+        n, q = cur.shape[dim], new.shape[dim]
+        buf = self._buffers.get(name)
+        if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.stride() != cur.stride()
+                or buf.dtype != cur.dtype or buf.shape[dim] < n + q
+                or any(buf.shape[i] != cur.shape[i] for i in range(cur.dim()) if i != dim)):
+            size = list(cur.shape)
+            size[dim] = n + q + max(64, (n + q) // 16)
+            buf = cur.new_empty(size)
+            buf.narrow(dim, 0, n).copy_(cur)
+            self._buffers[name] = buf
+        buf.narrow(dim, n, q).copy_(new)
+        setattr(self, name, buf.narrow(dim, 0, n + q))
 
     def attention_mask(self, q_len: int, query_valid: Tensor | None) -> Tensor | None:
         """Additive fp32 mask ``[B, Hkv or 1, q, S]`` for this forward, or None if plain causal suffices.

@@ -204,6 +204,27 @@ def test_fused_prefill_compresses_exactly_like_sdpa_plus_statistic(tiny_llama, m
         torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
 
 
+def test_decode_steps_append_in_place(tiny_llama):
+    """After the first decode step a layer grows inside its buffer (no copy of the whole layer per token),
+    and the logits stay those of plain transformers."""
+    ids = torch.randint(3, 100, (1, 30))
+    steps = torch.randint(3, 100, (1, 8))
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        tiny_llama(input_ids=ids, cache=ref_cache)
+        ref = [tiny_llama(input_ids=steps[:, i:i + 1], cache=ref_cache).logits for i in range(8)]
+        with kvpolicy.compress(tiny_llama, "snapkv", budget=1.0) as cache:
+            tiny_llama(input_ids=ids, cache=cache)
+            got, ptrs = [], []
+            for i in range(8):
+                got.append(tiny_llama(input_ids=steps[:, i:i + 1], cache=cache).logits)
+                ptrs.append({n: getattr(cache.layers[0], n).data_ptr() for n in ("keys", "values", "positions")})
+    assert all(p == ptrs[0] for p in ptrs), "decode steps after the first reuse the layer's buffer"
+    assert cache.layers[0].physical_length == 38
+    for a, b_ in zip(got, ref):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=0)
+
+
 def test_scoring_at_8k_allocates_no_LxL_buffer():
     model = make_tiny_llama(layers=1, heads=4, kv_heads=2, hidden=64)
     L = 8192
