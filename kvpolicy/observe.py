@@ -72,12 +72,14 @@ def attention_with_colsum(
     """
     b, h, q, _ = queries.shape
     hkv, dv = values.shape[1], values.shape[-1]
-    v32 = values.float()[:, :, None]
-    out = torch.empty(b, hkv, h // hkv, q, dv, dtype=queries.dtype, device=queries.device)
+    g = h // hkv
+    v32 = values.detach().float()
+    out = torch.empty(b, hkv, g, q, dv, dtype=queries.dtype, device=queries.device)
     sums = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
     for lo, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
-        n = probs.shape[-1]
-        out[:, :, :, lo: lo + probs.shape[3]] = probs @ v32[..., :n, :]
+        c, n = probs.shape[3], probs.shape[4]
+        # [B, Hkv, g*c, n] @ [B, Hkv, n, Dv]: one batched matmul per KV head, no broadcast over the group
+        out[:, :, :, lo: lo + c] = (probs.view(b, hkv, g * c, n) @ v32[:, :, :n]).view(b, hkv, g, c, dv)
         sums[..., :n] += probs.sum(dim=3).mean(dim=2)
     return out.view(b, h, q, dv), sums
 
