@@ -26,7 +26,10 @@ COLS = (("copy_nll", "copy NLL ↓", "{:.3f}"), ("continuation_nll", "cont. NLL 
 
 
 def load_rows(dirs: list[str], source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-sample rows of every run; a (policy, budget, context, seed) measured by several runs (e.g. the
+    ``full`` reference each run records) counts once, so means are not weighted towards repeated samples."""
     rows, metas = [], []
+    seen: set[tuple[Any, ...]] = set()
     for d in dirs:
         p = Path(d) / "results.json"
         if not p.is_file():
@@ -40,8 +43,25 @@ def load_rows(dirs: list[str], source: str) -> tuple[list[dict[str, Any]], list[
             r = dict(r, source=source)
             if source == "kvpress" and r["policy"] == "kvpress:none":
                 continue  # its reference duplicates ours (same model, same greedy path)
+            key = (r["policy"], r.get("budget"), r.get("context"), r.get("seed"))
+            if key in seen:
+                continue
+            seen.add(key)
             rows.append(r)
     return rows, metas
+
+
+def _dates(metas: list[dict[str, Any]]) -> str:
+    days = sorted({str(mm.get("machine", mm).get("date_utc", "?")) for mm in metas})
+    return days[0] if len(days) == 1 else f"between {days[0]} and {days[-1]}"
+
+
+def _seeds(rows: list[dict[str, Any]]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for r in rows:
+        if r["policy"] == "full":
+            out.setdefault(int(r["context"]), set()).add(int(r.get("seed", 0)))
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -75,15 +95,19 @@ def main() -> int:
     parts = [
         "# Results: quality and speed of every policy, ours and kvpress's",
         "",
-        f"Measured {m.get('date_utc', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
-        f"{m.get('memory_gib', '?')} GiB, shared with other jobs: timings are indicative only), torch "
+        f"Measured {_dates(metas + pmetas)} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
+        f"{m.get('memory_gib', '?')} GiB; two benchmark processes ran side by side, one per core: timings "
+        "are indicative only), torch "
         f"{m.get('torch', '?')} with {cfg.get('threads') or m.get('torch_threads')} thread(s), transformers "
         f"{m.get('transformers', '?')}, kvpolicy {m.get('kvpolicy', '?')}"
         + (f"; kvpress {pm.get('kvpress')} with transformers {pm.get('transformers')} in its own virtualenv"
            if pm else "") + ".",
         "",
         "Model: the embedded SmolLM2-135M-Instruct (fp32). Text: Jane Austen's novels (`kvpolicy.data`). "
-        f"Samples per context: {cfg.get('samples', '?')} (seed {cfg.get('seed', 0)}); continuation "
+        "Samples per context: "
+        + ", ".join(f"{n} tokens: {len(seeds)} (seeds {', '.join(str(x) for x in sorted(seeds))})"
+                    for n, seeds in sorted(_seeds(ours).items()))
+        + f"; figures are means over the samples. Continuation "
         f"{cfg.get('continuation')} tokens, copy span {cfg.get('span')} with a {cfg.get('cue')}-token cue, "
         f"{cfg.get('gen_tokens')} greedy tokens, passkey needles at depths {cfg.get('depths')}. "
         "How each figure is measured: [benchmarks](../benchmarks.md). `full` is the uncompressed cache; "
@@ -98,7 +122,11 @@ def main() -> int:
         "```bash",
         "kvpolicy bench --policies POLICY... --budgets 0.1 0.2 0.5 --contexts 2000 --samples 1 --continuation 32 "
         "--span 48 --cue 8 --gen-tokens 16 --depths 0.5 --threads 1 --out bench-results/RUN",
-        "bash benchmarks/kvpress_env.sh --budgets 0.2 --threads 1 --out bench-results/kvpress-2k-b02",
+        "# more samples: --seed 1 --samples 2; 6k contexts: --contexts 6000",
+        "bash benchmarks/kvpress_env.sh --budgets 0.1 0.2 0.5 --threads 1 --out bench-results/kvpress-2k",
+        "KVPRESS_SAMPLES=bench-results/samples-6k.json SAMPLE_ARGS='--contexts 6000 --samples 1 --continuation 32 "
+        "--span 48 --cue 8 --gen-tokens 16 --depths 0.5' bash benchmarks/kvpress_env.sh --budgets 0.1 0.2 0.5 "
+        "--threads 1 --out bench-results/kvpress-6k",
         "python benchmarks/results_page.py --ours bench-results/RUN... --kvpress bench-results/kvpress-... "
         "--out docs/results",
         "```",
