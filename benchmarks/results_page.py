@@ -41,6 +41,8 @@ def load_rows(dirs: list[str], source: str) -> tuple[list[dict[str, Any]], list[
             if "error" in r or r.get("isolated"):
                 continue
             r = dict(r, source=source)
+            if str(r["policy"]).endswith((".yaml", ".yml", ".json", ".toml")):
+                r["policy"] = Path(r["policy"]).stem  # a config file: its name, not its path
             if source == "kvpress" and r["policy"] == "kvpress:none":
                 continue  # its reference duplicates ours (same model, same greedy path)
             key = (r["policy"], r.get("budget"), r.get("context"), r.get("seed"))

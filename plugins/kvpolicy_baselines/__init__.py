@@ -43,6 +43,8 @@ def kvpolicy_presets() -> list[Preset]:
         p("pyramidkv", "PyramidKV: SnapKV selection with budgets decreasing over layers",
           {"name": "snapkv", "window": 32, "kernel": 7}, {"ratio": 0.2, "sink": 0},
           layers={"name": "pyramid", "beta": 20, "window": 32}),
+        p("h2o-stride8", "H2O with its score estimated from every 8th prefill query (1/8 of the scoring cost)",
+          {"name": "accumulated-attention", "query_stride": 8}, {"ratio": 0.2, "sink": 4, "recent": 0.5}),
         p("h2o-rolling", "H2O with a rolling decode budget (compacts every 16 tokens)",
           {"name": "accumulated-attention"}, {"ratio": 0.2, "sink": 4, "recent": 0.5},
           decode={"name": "rolling", "every": 16}),

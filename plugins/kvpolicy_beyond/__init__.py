@@ -8,7 +8,7 @@ Components (all composable with every selector):
 * scorers ``reconstruction`` (KVzip-style context reconstruction, deferred prefill) and
   ``max-attention`` (its free proxy).
 
-Presets (budget ratio 0.2 by default): ``h2o-mass``, ``h2o-mass-keys``, ``lookm-pivot-mass``,
+Presets (budget ratio 0.2 by default): ``h2o-mass``, ``h2o-mass-stride8``, ``h2o-mass-keys``, ``lookm-pivot-mass``,
 ``kvzip-lite``, ``kvzip-full``, ``kvzip-lite-mass``. See ``docs/methods/beyond.md`` for the figures.
 """
 
@@ -45,6 +45,8 @@ def kvpolicy_presets() -> list[Preset]:
     return [
         _preset("h2o-mass", "H2O selection + value-only mass-preserving merge (attention weights, +log n)",
                 h2o, mass, H2O_BUDGET),
+        _preset("h2o-mass-stride8", "h2o-mass with H2O's score (and the merge weights) from every 8th prefill query",
+                {**h2o, "query_stride": 8}, mass, H2O_BUDGET),
         _preset("h2o-mass-keys", "H2O selection + key/value mass-preserving merge (attention weights, +log n)",
                 h2o, {**mass, "keys": "mean"}, H2O_BUDGET),
         _preset("lookm-pivot-mass", "LOOK-M pivotal merge (no text prior, 4 sinks) with +log n mass preservation",
