@@ -108,20 +108,22 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     for lo in range(0, q, step):
         hi = min(q, lo + step)
         c = hi - lo
-        last = query_pos[:, lo:hi].max()
+        first, last = query_pos[:, lo:hi].min(), query_pos[:, lo:hi].max()
         n = max(1, int((key_pos <= last).sum(-1).max()))
-        if not bool((key_pos[..., n:] > last).all()):
-            n = s  # positions not sorted: no prefix shortcut
-        # additive mask [B, Hkv, 1, c, n]: the entry's bias where visible, -inf where not
-        hidden = key_pos[:, :, None, None, :n] > query_pos[:, None, None, lo:hi, None]
-        add = (key_bias[:, :, None, None, :n].expand(b, hkv, 1, c, n) if key_bias is not None
-               else torch.zeros(b, hkv, 1, c, n, device=keys.device)).masked_fill(hidden, float("-inf"))
+        n_all = int((key_pos <= first).sum(-1).min())  # leading entries every query of the chunk sees
+        if not (bool((key_pos[..., n:] > last).all()) and bool((key_pos[..., :n_all] <= first).all())):
+            n, n_all = s, 0  # positions not sorted: no prefix shortcuts
         qc = (queries[:, :, lo:hi].float() * scaling).reshape(b, hkv, g * c, d)
         logits = logits_buf[: b * h * c * n].view(b, hkv, g * c, n)
         torch.matmul(qc, k32[:, :, :n].transpose(-1, -2), out=logits)
-        logits = logits.view(b, hkv, g, c, n).add_(add)
+        logits = logits.view(b, hkv, g, c, n)
+        if key_bias is not None:
+            logits.add_(key_bias[:, :, None, None, :n])
+        if n_all < n:  # causal mask on the columns some query of the chunk must not see (the diagonal block)
+            hidden = key_pos[:, :, None, None, n_all:n] > query_pos[:, None, None, lo:hi, None]
+            logits[..., n_all:n].masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(logits, dim=-1, out=probs_buf[: b * h * c * n].view(b, hkv, g, c, n))
-        dead = add.amax(dim=-1, keepdim=True) == float("-inf")  # [B, Hkv, 1, c, 1] sees nothing
+        dead = probs[..., :1].isnan()  # [B, Hkv, g, c, 1]: a query that sees nothing (an all -inf row)
         if query_valid is not None:
             dead = dead | ~query_valid[:, None, None, lo:hi, None]
         if bool(dead.any()):
