@@ -99,7 +99,9 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     g = h // hkv
     queries, keys = queries.detach(), keys.detach()  # statistics, never differentiated
     k32 = keys.float()
-    step = chunk_rows(q, b * h * s * 4 * 2, max_bytes)
+    # at least 8 chunks (of >= 32 queries): each chunk scores only the key prefix it sees, so a few
+    # queries spread over the whole sequence (a strided estimate) still skip most of the causal triangle
+    step = min(chunk_rows(q, b * h * s * 4 * 2, max_bytes), max(32, -(-q // 8)))
     # Two buffers reused by every chunk (logits, probabilities): a fresh multi-MiB tensor per chunk costs
     # more in page faults than the softmax itself on CPU. The yielded tensor is a view of the second one,
     # valid until the next chunk.
