@@ -18,7 +18,7 @@ from typing import Any
 
 from kvpolicy.bench import report
 
-COLS = (("copy_nll", "copy NLL ↓", "{:.3f}"), ("continuation_nll", "cont. NLL ↓", "{:.3f}"),
+COLS = (("n", "samples", "{:d}"), ("copy_nll", "copy NLL ↓", "{:.3f}"), ("continuation_nll", "cont. NLL ↓", "{:.3f}"),
         ("greedy_agreement", "greedy agree ↑", "{:.2f}"), ("greedy_rouge_l", "ROUGE-L ↑", "{:.2f}"),
         ("passkey_acc", "passkey ↑", "{:.2f}"), ("attention_mass", "attn mass ↑", "{:.3f}"),
         ("compress_s", "compress s", "{:.2f}"), ("prefill_s", "prefill s", "{:.1f}"),
