@@ -9,7 +9,7 @@ Components (all composable with every selector):
   ``max-attention`` (its free proxy).
 
 Presets (budget ratio 0.2 by default): ``h2o-mass``, ``h2o-mass-stride8``, ``h2o-mass-keys``, ``lookm-pivot-mass``,
-``kvzip-lite``, ``kvzip-full``, ``kvzip-lite-mass``. See ``docs/methods/beyond.md`` for the figures.
+``lookm-pivot-mass-vonly``, ``kvzip-lite``, ``kvzip-full``, ``kvzip-lite-mass``. See ``docs/methods/beyond.md`` for the figures.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def kvpolicy_presets() -> list[Preset]:
                 h2o, {**mass, "keys": "mean"}, H2O_BUDGET),
         _preset("lookm-pivot-mass", "LOOK-M pivotal merge (no text prior, 4 sinks) with +log n mass preservation",
                 h2o, {"name": "mass-pivotal"}, {"ratio": 0.2, "sink": 4, "recent": 0.5}),
+        _preset("lookm-pivot-mass-vonly", "LOOK-M pivotal rule on values only (survivors keep their keys), +log n",
+                h2o, {"name": "mass-pivotal", "keys": "keep"}, H2O_BUDGET),
         _preset("kvzip-full", "KVzip-style context reconstruction score (every chunk re-read), eviction",
                 {"name": "reconstruction", "chunk": 512}, {"name": "none"}, KVZIP_BUDGET),
         _preset("kvzip-lite", "context reconstruction of every other 512-token chunk (half the extra cost)",
