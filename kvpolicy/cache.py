@@ -320,15 +320,19 @@ class KVPolicyCache(Cache):
         if (not layer.pending or not self._wants_acc or self.plan is not None or self.observing
                 or (query.requires_grad and torch.is_grad_enabled())):
             return None
-        if not self._keep_acc and self._budgets is not None and bool(
-                (self._budgets[layer_idx].total >= layer.valid[:, 0].sum(-1).cpu()).all()):
+        if not self._keep_acc and not _shrinks(self._budget(layer), layer):
             return None  # the layer keeps everything: nobody reads the statistic
-        b, _, q, _ = query.shape
-        qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q)
+        qpos, qvalid = _event_queries(layer, query)
         out, layer.query_colsum = observe.attention_with_colsum(
             query, layer.keys, layer.values, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
-            key_bias=_bias_with_validity(layer), query_valid=layer.valid[:, 0, -q:])
+            key_bias=_bias_with_validity(layer), query_valid=qvalid)
         return out
+
+    def _budget(self, layer: KVPolicyLayer) -> LayerBudget:
+        """The layer's budget for the current event (resolved once per prefill in ``begin_forward``)."""
+        if self._budgets is not None:
+            return self._budgets[layer.layer_idx]
+        return self.policy.layer_budget(layer.layer_idx, self.n_layers, self.seen_valid.cpu())
 
     def _ctx(self, layer: KVPolicyLayer, phase: str, budget: LayerBudget, scaling: float, **kw: Any
              ) -> CompressionContext:
@@ -339,16 +343,12 @@ class KVPolicyCache(Cache):
             multiplicity=layer.mult, state=layer.state, **kw)
 
     def _compress_prefill(self, layer: KVPolicyLayer, query: Tensor, scaling: float) -> None:
-        budget = self._budgets[layer.layer_idx] if self._budgets is not None else self.policy.layer_budget(
-            layer.layer_idx, self.n_layers, self.seen_valid.cpu())
-        b, _, q, _ = query.shape
-        qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q)
-        qvalid = layer.valid[:, 0, -q:]
+        budget = self._budget(layer)
+        qpos, qvalid = _event_queries(layer, query)
         ctx = self._ctx(layer, "prefill", budget, scaling, queries=query, query_pos=qpos, query_valid=qvalid,
                         query_colsum=layer.query_colsum)
         layer.query_colsum = None
-        physical_valid = layer.valid[:, 0].sum(-1).cpu()
-        if bool((budget.total >= physical_valid).all()):
+        if not _shrinks(budget, layer):
             if self._keep_acc:
                 layer.acc = ctx.computed_accumulated()
             self._notify_prefill(layer)
@@ -361,16 +361,15 @@ class KVPolicyCache(Cache):
         """True after a prefill whose compression waits for a reconstruction pass that would shrink a layer."""
         if not any(layer.deferred for layer in self.layers) or self._budgets is None:
             return False
-        return any(layer.deferred and bool((self._budgets[layer.layer_idx].total
-                                            < layer.valid[:, 0].sum(-1).cpu()).any()) for layer in self.layers)
+        return any(layer.deferred and _shrinks(self._budgets[layer.layer_idx], layer) for layer in self.layers)
 
     def _observe(self, layer: KVPolicyLayer, query: Tensor, scaling: float) -> None:
         """Observe-only forward: max attention the older entries get from the new queries, then drop the new."""
-        b, _, q, _ = query.shape
+        q = query.shape[2]
         old = layer.physical_length - q
-        qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q)
+        qpos, qvalid = _event_queries(layer, query)
         m = observe.attention_colmax(query, layer.keys, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
-                                     key_bias=_bias_with_validity(layer), query_valid=layer.valid[:, 0, old:])
+                                     key_bias=_bias_with_validity(layer), query_valid=qvalid)
         m = m[..., :old]
         layer.recon = m if layer.recon is None else torch.maximum(layer.recon, m)
         layer.crop(-q)
@@ -382,9 +381,8 @@ class KVPolicyCache(Cache):
             if not layer.deferred:
                 continue
             layer.deferred = False
-            budget = self._budgets[layer.layer_idx] if self._budgets is not None else self.policy.layer_budget(
-                layer.layer_idx, self.n_layers, self.seen_valid.cpu())
-            if layer.recon is not None and bool((budget.total < layer.valid[:, 0].sum(-1).cpu()).any()):
+            budget = self._budget(layer)
+            if layer.recon is not None and _shrinks(budget, layer):
                 ctx = self._ctx(layer, "prefill", budget, _scaling(layer), reconstruction=layer.recon)
                 self._run_policy(layer, ctx, "prefill", "compress")
             layer.recon = None
@@ -480,6 +478,17 @@ def _kv_bytes(layer: KVPolicyLayer) -> int:
 
 def _scaling(layer: KVPolicyLayer) -> float:
     return layer.scaling if layer.scaling is not None else layer.keys.shape[-1] ** -0.5
+
+
+def _event_queries(layer: KVPolicyLayer, query: Tensor) -> tuple[Tensor, Tensor]:
+    """``(positions [B, q], validity [B, q])`` of the ``q`` queries just appended to ``layer``."""
+    b, _, q, _ = query.shape
+    return torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q), layer.valid[:, 0, -q:]
+
+
+def _shrinks(budget: LayerBudget, layer: KVPolicyLayer) -> bool:
+    """Whether some row of ``layer`` holds more valid entries than ``budget`` keeps."""
+    return bool((budget.total < layer.valid[:, 0].sum(-1).cpu()).any())
 
 
 def _bias_with_validity(layer: KVPolicyLayer) -> Tensor | None:

@@ -7,7 +7,8 @@ visual. The attention function computes each layer's attention (SDPA) with a mas
 cache's per-entry metadata, then lets the cache compress that layer right away: peak memory holds one
 full layer plus the compressed ones. When the policy scores by the accumulated attention of every
 prefill query, the prefill attention is computed by the cache instead, in fp32 query chunks that yield
-the output and the statistic from one softmax (no second ``Q·Kᵀ`` pass). On exit the model is restored exactly.
+the output and the statistic from one softmax (no second ``Q·Kᵀ`` pass). On exit the model is restored
+exactly.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     layer = cache.layers[layer_idx]
     if layer.keys is not key:
         raise CacheUsageError(f"layer {layer_idx} attended over keys that are not the kvpolicy cache's: inside "
-                              f"kvpolicy.compress(), pass cache=cache (or past_key_values=cache) to generate()/forward()")
+                              "kvpolicy.compress(), pass cache=cache (or past_key_values=cache) to "
+                              "generate()/forward()")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len = query.shape[2]
     out = cache.fused_prefill_attention(layer_idx, query, scale)
@@ -157,8 +159,8 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
     def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         passed = kwargs.get("past_key_values", kwargs.get("cache"))
         if passed is not cache:
-            raise CacheUsageError("inside kvpolicy.compress(), call the model with cache=cache (or past_key_values=cache) "
-                                  f"(got {type(passed).__name__})")
+            raise CacheUsageError("inside kvpolicy.compress(), call the model with cache=cache "
+                                  f"(or past_key_values=cache) (got {type(passed).__name__})")
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
         q_len = ids.shape[1] if ids is not None else emb.shape[1]

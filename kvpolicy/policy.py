@@ -147,45 +147,30 @@ class CompressionContext:
     def accumulated_attention(self, query_stride: int = 1) -> Tensor:
         """``[B, Hkv, S]``: attention each entry received from all queries so far (H2O's score).
 
-        ``query_stride > 1`` estimates it from every ``query_stride``-th query of this event (counted back
-        from the last one, which is always included), scaled by ``query_stride``: a ``1/query_stride``
-        share of the cost of the exact statistic.
+        ``query_stride > 1`` estimates this event's share from every ``query_stride``-th query (counted
+        back from the last one, which is always included), scaled by ``query_stride``: a
+        ``1/query_stride`` share of the cost of the exact statistic.
         """
-        if query_stride > 1:
-            return self._strided_accumulated(query_stride)
-        if "acc" not in self._memo:
-            if self.phase == "decode" and self.accumulated is not None:
-                self._memo["acc"] = self.accumulated
-            else:
-                acc = self.query_colsum
-                if acc is None:
-                    q = self._need_queries("accumulated attention")
-                    acc = self._colsum(q, self.query_pos, self.query_valid)
-                if self.accumulated is not None:
-                    acc = acc + self.accumulated
-                self._memo["acc"] = acc
-        return self._memo["acc"]
-
-    def computed_accumulated(self) -> Tensor:
-        """The accumulated attention this event already computed (exact, else a step's strided estimate),
-        computing the exact one only if nobody asked; the cache carries it into decoding."""
-        if "acc" not in self._memo:
-            for key, value in self._memo.items():
-                if isinstance(key, tuple) and key[0] == "acc":
-                    return value
-        return self.accumulated_attention()
-
-    def _strided_accumulated(self, stride: int) -> Tensor:
-        key = ("acc", stride)
+        key = ("acc", query_stride)
         if key not in self._memo:
             if self.phase == "decode" and self.accumulated is not None:
+                self._memo[key] = self.accumulated
                 return self.accumulated
-            q = self._need_queries("accumulated attention")
-            pick = torch.arange(q.shape[2] - 1, -1, -stride, device=q.device).flip(0)
-            qv = None if self.query_valid is None else self.query_valid[:, pick]
-            acc = self._colsum(q[:, :, pick], self.query_pos[:, pick], qv).mul_(stride)
+            acc = self.query_colsum if query_stride == 1 else None  # computed by the fused prefill attention
+            if acc is None:
+                q, qpos, qv = self._need_queries("accumulated attention"), self.query_pos, self.query_valid
+                if query_stride > 1:
+                    pick = torch.arange(q.shape[2] - 1, -1, -query_stride, device=q.device).flip(0)
+                    q, qpos, qv = q[:, :, pick], qpos[:, pick], None if qv is None else qv[:, pick]
+                acc = self._colsum(q, qpos, qv).mul_(query_stride)
             self._memo[key] = acc if self.accumulated is None else acc + self.accumulated
         return self._memo[key]
+
+    def computed_accumulated(self) -> Tensor:
+        """The accumulated attention this event already computed (exact first, else a step's strided
+        estimate), computing the exact one only if nobody asked; the cache carries it into decoding."""
+        done = sorted(k[1] for k in self._memo if isinstance(k, tuple) and k[0] == "acc")
+        return self.accumulated_attention(done[0] if done else 1)
 
     def window_attention(self, window: int) -> Tensor:
         """``[B, Hkv, S]``: attention summed over the last ``window`` queries (SnapKV's observation)."""

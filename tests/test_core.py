@@ -165,7 +165,8 @@ def test_fused_attention_with_colsum_equals_dense_attention():
     g = h // hkv
     causal = torch.full((s, s), float("-inf")).triu(1)
     mask = (causal[None, None] + bias[:, :, None, :]).repeat_interleave(g, dim=1)
-    ref = torch.softmax(q @ k.repeat_interleave(g, 1).transpose(-1, -2) * d ** -0.5 + mask, -1) @ v.repeat_interleave(g, 1)
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    ref = torch.softmax(q @ kk.transpose(-1, -2) * d ** -0.5 + mask, -1) @ vv
     rows = valid[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
     assert bool((out[~rows] == 0).all()), "padding queries attend to nothing"

@@ -8,8 +8,9 @@ Components (all composable with every selector):
 * scorers ``reconstruction`` (KVzip-style context reconstruction, deferred prefill) and
   ``max-attention`` (its free proxy).
 
-Presets (budget ratio 0.2 by default): ``h2o-mass``, ``h2o-mass-stride8``, ``h2o-mass-keys``, ``lookm-pivot-mass``,
-``lookm-pivot-mass-vonly``, ``kvzip-lite``, ``kvzip-full``, ``kvzip-lite-mass``. See ``docs/methods/beyond.md`` for the figures.
+Presets (budget ratio 0.2 by default): ``h2o-mass``, ``h2o-mass-stride8``, ``h2o-mass-keys``,
+``lookm-pivot-mass``, ``lookm-pivot-mass-vonly``, ``kvzip-lite``, ``kvzip-full``, ``kvzip-lite-mass``.
+See ``docs/methods/beyond.md`` for the figures.
 """
 
 from __future__ import annotations
