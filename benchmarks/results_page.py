@@ -18,6 +18,7 @@ from typing import Any
 
 from kvpolicy.bench import report
 
+TITLE = "Results: quality and speed of every policy, ours and kvpress's"
 COLS = (("n", "samples", "{:d}"), ("copy_nll", "copy NLL ↓", "{:.3f}"), ("continuation_nll", "cont. NLL ↓", "{:.3f}"),
         ("greedy_agreement", "greedy agree ↑", "{:.2f}"), ("greedy_rouge_l", "ROUGE-L ↑", "{:.2f}"),
         ("passkey_acc", "passkey ↑", "{:.2f}"), ("attention_mass", "attn mass ↑", "{:.3f}"),
@@ -85,6 +86,12 @@ def main() -> int:
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--notes", default=None, help="a Markdown file appended after the tables")
     ap.add_argument("--csv", default=None, help="also write the merged summary table as CSV here")
+    ap.add_argument("--page", default="index.md", help="file name of the page written under --out")
+    ap.add_argument("--title", default=TITLE, help="the page's title")
+    ap.add_argument("--commands", default=None, help="a text file whose lines replace the default commands")
+    ap.add_argument("--plot-prefix", default="", help="prefix of the PNG file names (quality_N.png)")
+    ap.add_argument("--load-note", default="two benchmark processes ran side by side, one per core: timings are "
+                    "indicative only", help="what else ran on the machine (in the page's first paragraph)")
     a = ap.parse_args()
     ours, metas = load_rows(a.ours, "kvpolicy")
     peer, pmetas = load_rows(a.kvpress, "kvpress")
@@ -95,11 +102,10 @@ def main() -> int:
     cfg = metas[0].get("config", {}) if metas else {}
     pm = pmetas[0] if pmetas else {}
     parts = [
-        "# Results: quality and speed of every policy, ours and kvpress's",
+        f"# {a.title}",
         "",
         f"Measured {_dates(metas + pmetas)} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
-        f"{m.get('memory_gib', '?')} GiB; two benchmark processes ran side by side, one per core: timings "
-        "are indicative only), torch "
+        f"{m.get('memory_gib', '?')} GiB; {a.load_note}), torch "
         f"{m.get('torch', '?')} with {cfg.get('threads') or m.get('torch_threads')} thread(s), transformers "
         f"{m.get('transformers', '?')}, kvpolicy {m.get('kvpolicy', '?')}"
         + (f"; kvpress {pm.get('kvpress')} with transformers {pm.get('transformers')} in its own virtualenv"
@@ -122,6 +128,9 @@ def main() -> int:
         "Commands:",
         "",
         "```bash",
+        *([Path(a.commands).read_text().rstrip("\n")] if a.commands else []),
+    ]
+    default_commands = [
         "kvpolicy bench --policies POLICY... --budgets 0.1 0.2 0.5 --contexts 2000 --samples 1 --continuation 32 "
         "--span 48 --cue 8 --gen-tokens 16 --depths 0.5 --threads 1 --out bench-results/RUN",
         "# more samples: --seed 1 --samples 2; 6k contexts: --contexts 6000",
@@ -131,8 +140,8 @@ def main() -> int:
         "--threads 1 --out bench-results/kvpress-6k",
         "python benchmarks/results_page.py --ours bench-results/RUN... --kvpress bench-results/kvpress-... "
         "--out docs/results",
-        "```",
     ]
+    parts += ([] if a.commands else default_commands) + ["```"]
     for n in sorted({r["context"] for r in summary}):
         full = [r for r in summary if r["context"] == n and r["policy"] == "full"]
         parts += ["", f"## {n}-token contexts", ""]
@@ -143,14 +152,16 @@ def main() -> int:
                                    else float("inf")))
             parts += [f"### budget {b:g} (sorted by copy NLL)", "", table(full + rs), ""]
         pngs = report.plot_quality([r for r in summary if r["context"] == n], out)
+        if a.plot_prefix:
+            pngs = [p.replace(p.with_name(a.plot_prefix + p.name)) for p in pngs]
         for p in pngs:
             parts += [f"![quality vs budget, {n} tokens]({p.name})", ""]
     if a.notes and Path(a.notes).is_file():
         parts += ["", Path(a.notes).read_text()]
-    (out / "index.md").write_text("\n".join(parts) + "\n")
+    (out / a.page).write_text("\n".join(parts) + "\n")
     if a.csv:
         report.write_csv(summary, Path(a.csv))
-    print(out / "index.md")
+    print(out / a.page)
     return 0
 
 

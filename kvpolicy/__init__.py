@@ -12,7 +12,7 @@ from kvpolicy import models
 from kvpolicy.cache import CacheReport, KVPolicyCache
 from kvpolicy.config import PolicyConfig, dump_policy, load_config, load_policy, policy_schema
 from kvpolicy.errors import (BudgetError, CacheUsageError, ConfigError, KVPolicyError, PluginError,
-                             UnknownComponentError, UnsupportedModelError)
+                             StepOutputError, UnknownComponentError, UnsupportedModelError)
 from kvpolicy.hookspecs import hookimpl
 from kvpolicy.integrate import compress
 from kvpolicy.policy import (Budget, CompressionContext, DecodeRule, LayerSchedule, Merged, Merger, Policy,
@@ -26,5 +26,5 @@ __all__ = [
     "KVPolicyCache", "CacheReport", "Policy", "PolicyConfig", "Budget", "CompressionContext", "Scorer",
     "Prior", "Selector", "Merger", "Merged", "Selection", "DecodeRule", "LayerSchedule", "Preset",
     "get_registry", "KVPolicyError", "ConfigError", "BudgetError", "UnknownComponentError", "PluginError",
-    "UnsupportedModelError", "CacheUsageError", "__version__",
+    "UnsupportedModelError", "CacheUsageError", "StepOutputError", "__version__",
 ]

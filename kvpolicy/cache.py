@@ -93,12 +93,17 @@ class KVPolicyLayer(DynamicLayer):
         self._map_batch(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove >= 0:
-            raise CacheUsageError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
-        n = -tokens_to_remove
-        if self.positions is not None and int(self.positions[..., -n:].min()) < self.n_seen - n:
-            raise CacheUsageError("cannot crop compressed entries: only tokens appended since the last "
-                                  "compression can be removed")
+        """Remove the newest tokens: ``-n`` removes ``n`` (transformers >= 5.2x), ``0`` nothing, a positive
+        ``m`` (the older form) everything after the first ``m`` tokens seen. Only tokens appended since the
+        last compression can be removed (assisted generation, prompt lookup and rollbacks do this)."""
+        n = -tokens_to_remove if tokens_to_remove <= 0 else self.n_seen - tokens_to_remove
+        if n <= 0 or self.positions is None or self.physical_length == 0:
+            return
+        if n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n:
+            raise CacheUsageError(
+                f"layer {self.layer_idx}: cannot remove the last {n} tokens: some of them were compressed "
+                f"(merged or evicted) since they were appended; only tokens appended since the last compression "
+                f"can be removed")
         for name in self._per_entry():
             t = getattr(self, name)
             if t is not None:
@@ -150,7 +155,10 @@ class KVPolicyLayer(DynamicLayer):
         dim = cur.dim() - (2 if name in ("keys", "values") else 1)
         n, q = cur.shape[dim], new.shape[dim]
         buf = self._buffers.get(name)
-        if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.stride() != cur.stride()
+        # a buffer made under torch.inference_mode() cannot be written outside it (a second generate() without
+        # inference mode on the same cache): move such a layer to a fresh buffer once, as after a compression
+        stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+        if (buf is None or stale or buf.data_ptr() != cur.data_ptr() or buf.stride() != cur.stride()
                 or buf.dtype != cur.dtype or buf.shape[dim] < n + q
                 or any(buf.shape[i] != cur.shape[i] for i in range(cur.dim()) if i != dim)):
             size = list(cur.shape)
@@ -237,7 +245,8 @@ class KVPolicyCache(Cache):
         self._budgets: list[LayerBudget] | None = None
         self.seen_valid: Tensor | None = None  # [B] valid tokens seen per row
         self.bound = False
-        self.modality: Tensor | None = None  # [B, L] bool override for the next prefill (True = visual)
+        self.in_forward = False  # set by the model hooks of kvpolicy.compress() around each forward
+        self.modality: Tensor | None = None  # [B, L] bool override for the next forward (True = visual)
         obs = policy.observations
         self._keep_acc = policy.decode.compacts and "accumulated_attention" in obs
         # the exact statistic is computed inside the prefill attention, unless a step opted into estimating
@@ -273,6 +282,11 @@ class KVPolicyCache(Cache):
         if not self.bound:
             raise CacheUsageError("this KVPolicyCache is not attached to a model: create it with "
                                   "`with kvpolicy.compress(model, policy) as cache:` and use it inside the block")
+        if not self.in_forward:
+            raise CacheUsageError(
+                "this KVPolicyCache was updated by a forward that kvpolicy.compress() did not see (another model, "
+                "or a model called outside its compress() block); a cache serves the model it was created for: "
+                "use a new `with kvpolicy.compress(other_model, policy) as cache:` for another model")
         layer: KVPolicyLayer = self.layers[layer_idx]
         q = key_states.shape[-2]
         info = self._info if self._info is not None and self._info.q_len == q else ForwardInfo(q_len=q)
@@ -286,6 +300,20 @@ class KVPolicyCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].n_seen if layer_idx < len(self.layers) else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest tokens from every layer (see :meth:`KVPolicyLayer.crop`); the per-row count of
+        valid tokens seen goes back with them."""
+        first: KVPolicyLayer = self.layers[0]
+        n = -tokens_to_remove if tokens_to_remove <= 0 else first.n_seen - tokens_to_remove
+        if n <= 0 or first.valid is None or first.physical_length == 0:
+            return
+        removed = first.valid[:, 0, -n:].sum(-1).long() if n <= first.physical_length else None
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)  # raises before anything changes if layer 0 cannot (checked first)
+        if self.seen_valid is not None and removed is not None:
+            self.seen_valid = self.seen_valid - removed.to(self.seen_valid.device)
+        self._budgets = None
 
     # --- called by the attention function after a layer's attention
     def after_attention(self, layer_idx: int, query: Tensor, scaling: float) -> None:
@@ -436,7 +464,7 @@ class KVPolicyCache(Cache):
             ev = self._event(layer, "decode", action.event)
             with tracing.compress_span(ev):
                 idx = action.indices
-                sel = Selection(indices=idx, kept=torch.ones_like(idx, dtype=torch.bool))
+                sel = Selection(indices=idx, kept=idx >= 0 if action.kept is None else action.kept)
                 self._finish_event(layer, ev, sel, None, {})
             return
         if isinstance(action, Compact):

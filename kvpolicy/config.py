@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kvpolicy.errors import ConfigError, UnknownComponentError
 from kvpolicy.policy import (Budget, CompressionContext, LayerBudget, Merged, Merger, Policy, Prior, Scorer,
-                             Selection, Selector)
+                             Selection, Selector, run_steps)
 from kvpolicy.registry import KINDS, get_registry
 
 STEP_FIELDS = {"scorer": "scorer", "prior": "prior", "selector": "selector", "merger": "merger",
@@ -281,15 +281,18 @@ class LayeredPolicy(Policy):
                  if s is not None]
         return super().steps() + extra
 
-    def layer_budget(self, layer_idx: int, n_layers: int, n_valid: Tensor) -> LayerBudget:
-        ls = self._layer(layer_idx, n_layers)
-        if ls is None or ls.budget is None:
-            return super().layer_budget(layer_idx, n_layers, n_valid)
-        b = ls.budget
-        total = b.total(n_valid)
-        lb = LayerBudget(total=total, sink=b.sink, recent=b.recent_count(total), ratio=b.ratio, seen=n_valid)
-        lb.check(b, n_valid, layer_idx)
-        return lb
+    def layer_budgets(self, n_layers: int, n_valid: Tensor) -> list[LayerBudget]:
+        out = list(super().layer_budgets(n_layers, n_valid))
+        for layer_idx in range(n_layers):
+            ls = self._layer(layer_idx, n_layers)
+            if ls is None or ls.budget is None:
+                continue
+            b = ls.budget
+            total = b.total(n_valid)
+            lb = LayerBudget(total=total, sink=b.sink, recent=b.recent_count(total), ratio=b.ratio, seen=n_valid)
+            lb.check(b, n_valid, layer_idx)
+            out[layer_idx] = lb
+        return out
 
     def compress(self, ctx: CompressionContext) -> tuple[Selection, Merged]:
         ls = self._layer(ctx.layer_idx, ctx.n_layers)
@@ -299,10 +302,7 @@ class LayeredPolicy(Policy):
         prior = None if ls.no_prior else (ls.prior or self.prior)
         selector = ls.selector or self.selector
         merger = ls.merger or self.merger
-        scores = scorer.score(ctx).float()
-        priority = prior.priority(ctx) if prior is not None else None
-        selection = selector.select(ctx, scores, priority)
-        return selection, merger.merge(ctx, selection, scores)
+        return run_steps(ctx, scorer, prior, selector, merger)
 
     def to_config(self) -> dict[str, Any]:
         cfg = super().to_config()
@@ -328,7 +328,13 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: unsupported config file type {p.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file (looked in {p.resolve().parent})")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start}); allowed: a UTF-8 "
+                          f"{p.suffix[1:].upper()} file") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read the config file ({err.strerror or err})") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             data = yaml.safe_load(text)
@@ -421,16 +427,41 @@ def _plain_keys(data: Any) -> Any:
     return data
 
 
-def _drop_none(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _drop_none(v) for k, v in data.items() if v is not None}
-    return data
+def _null_paths(data: Any, path: str = "") -> list[str]:
+    """Dotted paths of the ``None`` values in nested mappings and lists."""
+    if data is None:
+        return [path or "(config)"]
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    return [p for k, v in items for p in _null_paths(v, f"{path}.{k}" if path else str(k))]
+
+
+def _without_default_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the step parameters that are None because None is their default.
+
+    :meth:`~kvpolicy.policy.Component.spec` writes every parameter, e.g. ``quantile: null``; loading a
+    config without it gives the same component, so formats without null (TOML) can leave it out.
+    """
+    reg = get_registry()
+
+    def lean(spec: Any, kind: str) -> Any:
+        if not isinstance(spec, dict) or (kind, spec.get("name")) not in reg.components:
+            return spec
+        fields = reg.component(kind, spec["name"]).model_fields
+        return {k: v for k, v in spec.items()
+                if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is None)}
+
+    out = {k: lean(v, STEP_FIELDS[k]) if k in STEP_FIELDS else v for k, v in data.items()}
+    if isinstance(out.get("layer_overrides"), dict):
+        out["layer_overrides"] = {i: {k: lean(v, k) if k in LAYER_STEP_FIELDS else v for k, v in ov.items()}
+                                  for i, ov in out["layer_overrides"].items()}
+    return out
 
 
 def dumps_policy(policy: Policy, fmt: str = "yaml") -> str:
     """``policy`` as config text: ``fmt`` is ``"yaml"``, ``"json"`` or ``"toml"``.
 
-    TOML has no null, so a layer override's ``prior: null`` cannot be written as TOML (ConfigError).
+    TOML has no null: step parameters that are None by default are left out (loading restores them); any
+    other null (a layer override's ``prior: null``) cannot be written as TOML (ConfigError naming it).
     """
     data = policy.to_config()
     if fmt in ("yaml", "yml"):
@@ -440,9 +471,11 @@ def dumps_policy(policy: Policy, fmt: str = "yaml") -> str:
     if fmt == "toml":
         import tomli_w
 
-        if _drop_none(data) != data:
-            raise ConfigError("TOML cannot hold null values (a layer override with `prior: null`); "
-                              "allowed: dump this policy as YAML or JSON")
+        data = _without_default_nulls(data)
+        nulls = _null_paths(data)
+        if nulls:
+            raise ConfigError(f"TOML cannot hold null values (policy {policy.name!r} has null at "
+                              f"{', '.join(nulls)}); allowed: dump this policy as YAML or JSON")
         return tomli_w.dumps(_plain_keys(data))
     raise ConfigError(f"unsupported config format {fmt!r}; allowed: yaml, json, toml")
 

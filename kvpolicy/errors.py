@@ -15,6 +15,11 @@ class BudgetError(ConfigError):
     """A budget is out of range for the sequence it is applied to."""
 
 
+class BudgetWarning(UserWarning):
+    """A policy step could not keep a layer within its budget, or decides the size itself (the message
+    names the preset or setting that meets the budget)."""
+
+
 class UnknownComponentError(ConfigError, KeyError):
     """A component or preset name is not registered."""
 
@@ -23,7 +28,7 @@ class UnknownComponentError(ConfigError, KeyError):
 
 
 class PluginError(KVPolicyError):
-    """A plugin failed to load or conflicts with another plugin."""
+    """A plugin failed to load or conflicts with another plugin (strict mode; otherwise a ``RuntimeWarning``)."""
 
 
 class UnsupportedModelError(KVPolicyError, TypeError):
@@ -32,3 +37,14 @@ class UnsupportedModelError(KVPolicyError, TypeError):
 
 class CacheUsageError(KVPolicyError, RuntimeError):
     """The cache was used outside the contract (wrong model, wrong call order)."""
+
+
+class StepOutputError(KVPolicyError, ValueError):
+    """A policy step (scorer, prior, selector, merger) returned something outside its contract.
+
+    ``prop`` names the broken property ("shape", "dtype/device", "finite", "order", "pads never kept").
+    """
+
+    def __init__(self, message: str, prop: str = "shape") -> None:
+        super().__init__(message)
+        self.prop = prop

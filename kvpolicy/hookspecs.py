@@ -12,11 +12,14 @@ Both hooks are called once, when the registry loads (the first :func:`kvpolicy.l
 
 What the registry does with the answers:
 
-* the same ``(kind, name)`` (or preset name) from two plugins -> :class:`~kvpolicy.errors.PluginError`
-  naming both plugins and distributions;
+* a ``(kind, name)`` (or preset name) that a plugin loaded before already registered -> the later
+  plugin is refused, whole (none of its components and presets are registered), with a
+  ``RuntimeWarning`` naming both plugins and distributions; built-ins load first, then third-party
+  entry points by name, then run-time plugins;
 * an import error, an exception raised by a hook, or an item that is not a component class / a
-  :class:`~kvpolicy.registry.Preset` -> a ``RuntimeWarning`` naming the plugin and its distribution (a
-  ``PluginError`` in strict mode, ``KVPOLICY_STRICT_PLUGINS=1``); the other plugins still load;
+  :class:`~kvpolicy.registry.Preset` -> a ``RuntimeWarning`` naming the plugin and its distribution;
+  the other plugins still load;
+* strict mode (``KVPOLICY_STRICT_PLUGINS=1``) turns both into a :class:`~kvpolicy.errors.PluginError`;
 * ``KVPOLICY_DISABLE_PLUGINS=name,...`` skips plugins by entry-point name.
 
 A component class may declare ``observations`` (what it asks the context for) and ``promises``

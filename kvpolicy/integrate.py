@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from kvpolicy import tracing
+from kvpolicy import compat, tracing
 from kvpolicy.cache import KVPolicyCache
 from kvpolicy.errors import CacheUsageError, UnsupportedModelError
 from kvpolicy.policy import Policy
@@ -61,6 +61,7 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     if cache is None:
         raise CacheUsageError("the 'kvpolicy' attention implementation only runs inside "
                               "`with kvpolicy.compress(model, policy) as cache:`")
+    _check_attention_arguments(module, dropout, kwargs)
     layer_idx = module.layer_idx
     layer = cache.layers[layer_idx]
     if layer.keys is not key:
@@ -77,6 +78,30 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
 
 AttentionInterface.register(ATTN_NAME, kvpolicy_attention)
+
+#: attention-function arguments the kvpolicy attention understands (they do not change what it computes)
+_UNDERSTOOD = frozenset({"position_ids", "cache_position", "use_cache", "position_embeddings", "past_key_values",
+                         "cache"})
+
+
+def _check_attention_arguments(module: nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
+    """Refuse, by name, any argument that would change the attention the kvpolicy function computes
+    (soft-capping, sinks, sliding windows, dropout, non-causal attention, returned weights, ...)."""
+    bad = sorted(k for k, v in kwargs.items() if k not in _UNDERSTOOD and v is not None and v is not False)
+    if kwargs.get("is_causal") is True:
+        bad.remove("is_causal")
+    if dropout:
+        bad.insert(0, f"dropout={dropout}")
+    if bad:
+        shown = ", ".join(b if "=" in b else f"{b}={_show(kwargs[b])}" for b in bad)
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) calls its attention with {shown}, "
+            f"which the kvpolicy attention does not implement; allowed: plain causal softmax attention with a "
+            f"scaling factor, in eval mode (no dropout)")
+
+
+def _show(v: Any) -> str:
+    return f"<tensor {list(v.shape)}>" if isinstance(v, Tensor) else repr(v)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -97,6 +122,16 @@ def check_model(model: nn.Module) -> tuple[Any, list[nn.Module]]:
         raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; kvpolicy serves "
                                     f"decoder-only language models (and VLMs built on one)")
     text = config.get_text_config(decoder=True)
+    if getattr(text, "kv_lora_rank", None):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank={text.kv_lora_rank}): its "
+            f"keys and values are projected from a shared low-rank latent, which the kvpolicy cache does not "
+            f"model; allowed: models whose attention caches per-head keys and values (MHA, GQA, MQA)")
+    for attr in ("attn_logit_softcapping", "attention_chunk_size"):
+        if getattr(text, attr, None):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} uses {attr}={getattr(text, attr)}, which the kvpolicy attention does not "
+                f"implement; allowed: plain causal softmax attention")
     types = getattr(text, "layer_types", None)
     if types is not None:
         bad = sorted({t for t in types if t != "full_attention"})
@@ -108,6 +143,11 @@ def check_model(model: nn.Module) -> tuple[Any, list[nn.Module]]:
         raise UnsupportedModelError(f"{type(model).__name__} uses sliding-window attention "
                                     f"(sliding_window={text.sliding_window}); only full attention is supported")
     mods = attention_modules(model)
+    sinks = [m.layer_idx for m in mods if isinstance(getattr(m, "sinks", None), Tensor)]
+    if sinks:
+        raise UnsupportedModelError(f"{type(model).__name__} has learned attention sinks (layers {sinks[:4]}...), "
+                                    f"which the kvpolicy attention does not implement; allowed: plain causal "
+                                    f"softmax attention")
     n = getattr(text, "num_hidden_layers", None)
     if not mods or n is None or len(mods) != n or [m.layer_idx for m in mods] != list(range(n)):
         raise UnsupportedModelError(
@@ -142,6 +182,7 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
     """
     from kvpolicy.config import load_policy
 
+    compat.check_transformers()
     if not isinstance(policy, Policy):
         policy = load_policy(policy, **overrides)
     elif overrides:
@@ -170,41 +211,99 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
             src = ids if ids is not None else emb
             valid = torch.ones(src.shape[0], q_len, dtype=torch.bool, device=src.device)
         is_image = None
-        if cache.modality is not None and cache.modality.shape[-1] == q_len:
-            is_image, cache.modality = cache.modality.bool(), None
+        if cache.modality is not None:  # consumed by this forward, accepted or refused
+            override, cache.modality = cache.modality, None
+            is_image = _modality_override(override, valid.shape[0], q_len)
         elif ids is not None and visual:
             is_image = torch.isin(ids, torch.tensor(visual, device=ids.device))
         cache.begin_forward(q_len, valid, is_image)
+        cache.in_forward = True
         if cache.plan is not None and not cache.observing and q_len > 1:
             cache.plan_input = (ids, valid)  # the tokens the reconstruction pass re-reads
 
     def post_hook(_mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        # deferred prefill: re-read the context in observe-only mode, then compress every layer
-        if cache.plan is None or cache.observing or not any(layer.deferred for layer in cache.layers):
-            return
-        if cache.needs_reconstruction():
-            reconstruct(model, cache)
-        cache.compress_deferred()
+        try:
+            # deferred prefill: re-read the context in observe-only mode, then compress every layer
+            if cache.plan is None or cache.observing or not any(layer.deferred for layer in cache.layers):
+                return
+            if cache.needs_reconstruction():
+                reconstruct(model, cache)
+            cache.compress_deferred()
+        finally:
+            cache.in_forward = cache.observing  # a reconstruction forward runs inside the prefill's forward
 
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    post = model.register_forward_hook(post_hook, with_kwargs=True) if cache.plan is not None else None
+    post = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
     try:
         for c in configs.values():
             c._attn_implementation_internal = ATTN_NAME
         for m in mods:
             _BINDINGS[id(m)] = cache
         cache.bound = True
-        with tracing.generate_span(policy.name, report=cache.report):
+        with (compat.cache_keyword(model), _refuse_drafting(model, policy),
+              tracing.generate_span(policy.name, report=cache.report)):
             yield cache
     finally:
         cache.bound = False
+        cache.in_forward = False
         handle.remove()
-        if post is not None:
-            post.remove()
+        post.remove()
         for m in mods:
             _BINDINGS.pop(id(m), None)
         for k, c in configs.items():
             c._attn_implementation_internal = saved[k]
+
+
+def _modality_override(mask: Any, batch: int, q_len: int) -> Tensor:
+    """``cache.modality`` checked against the forward it applies to: a ``[B, q]`` bool (or 0/1) tensor."""
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (batch, q_len):
+        got = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise CacheUsageError(f"cache.modality is {got} but the next forward has {batch} rows of {q_len} tokens; "
+                              f"allowed: a bool tensor [B={batch}, L={q_len}] (True = visual token), set right "
+                              f"before the forward (or generate()) it describes")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise CacheUsageError("cache.modality holds values other than 0/1; allowed: a bool tensor (True = visual)")
+    return mask.bool()
+
+
+#: generate() arguments that draft tokens, verify them in one forward and crop the rejected ones
+_DRAFTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "assistant_tokenizer")
+
+
+def _compresses(policy: Policy) -> bool:
+    return getattr(policy.selector, "name", "") != "all" and policy.budget.ratio != 1.0
+
+
+@contextmanager
+def _refuse_drafting(model: nn.Module, policy: Policy) -> Iterator[None]:
+    """Inside the block, ``generate()`` with assisted generation or prompt-lookup decoding is refused up front
+    for a policy that compresses: the drafted tokens arrive as one multi-token forward, which the cache would
+    compress before transformers crops the rejected ones. At a budget of 1.0 both run (and are exact)."""
+    if not _compresses(policy):
+        yield
+        return
+    own = model.__dict__.get("generate")
+    inner = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        used = [k for k in _DRAFTING if kwargs.get(k) is not None or getattr(cfg, k, None) is not None]
+        if used:
+            raise CacheUsageError(
+                f"generate({', '.join(f'{k}=...' for k in used)}) drafts tokens and verifies them in one forward, "
+                f"then crops the rejected ones; policy {policy.name!r} compresses that forward before the crop "
+                f"({policy.budget.describe()}). Allowed: plain greedy/sampled decoding with this policy, or "
+                f"assisted generation / prompt lookup at budget 1.0 (e.g. kvpolicy.compress(model, 'full'))")
+        return inner(*args, **kwargs)
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        if own is not None:
+            model.generate = own
+        else:
+            del model.generate
 
 
 def _plan_prompt_ids(model: nn.Module, cache: KVPolicyCache) -> list[int]:

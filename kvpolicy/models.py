@@ -33,6 +33,19 @@ def embedded_gguf() -> Path:
     return path
 
 
+def gguf_special_tokens(path: str | os.PathLike[str]) -> dict[str, int]:
+    """``{"bos_token": id, "eos_token": id, "unk_token": id, "pad_token": id}`` as the GGUF metadata declares them."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    out: dict[str, int] = {}
+    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        f = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if f is not None and f.data:
+            out[attr] = int(f.parts[f.data[0]][0])
+    return out
+
+
 def load(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, **kwargs: Any) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local transformers model directory (no network)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +72,9 @@ def load_default(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
     gguf = embedded_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for attr, token_id in gguf_special_tokens(gguf).items():  # transformers < 5.2x misreads eos and pad
+        setattr(tok, attr, tok.convert_ids_to_tokens(token_id))
+    tok.clean_up_tokenization_spaces = False  # a byte-level BPE decodes exactly (older releases saved True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     # the weights are already dequantized to fp32: drop the GGUF quantizer so the model can be saved

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from kvpolicy import observe, ops
+from kvpolicy import contract, observe, ops
 from kvpolicy.errors import BudgetError, ConfigError
 
 Phase = Literal["prefill", "decode"]
@@ -29,7 +29,8 @@ class Budget(BaseModel):
     Exactly one of ``ratio`` (share of the valid tokens seen, in ``(0, 1]``) or ``tokens`` (a count).
     ``sink``: the first valid tokens, always kept. ``recent``: the last tokens, always kept, as a share
     of the budget (a float in ``[0, 1]``) or a count (an int). Sinks and the recent window are part of the
-    budget, not added to it.
+    budget, not added to it: a token budget smaller than ``sink`` (or than ``sink + recent`` for a
+    count) is refused, never silently cut.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,6 +54,16 @@ class Budget(BaseModel):
             raise ValueError(
                 f"budget.recent={self.recent} tokens is larger than the budget of {self.tokens} tokens; "
                 f"allowed: 0 <= recent <= tokens")
+        if self.tokens is not None and self.sink > self.tokens:
+            default = "" if "sink" in self.model_fields_set else " (the default)"
+            raise ValueError(
+                f"budget.sink={self.sink}{default} sink tokens do not fit a budget of {self.tokens} tokens (sinks "
+                f"are part of the budget); allowed: 0 <= sink <= tokens, e.g. "
+                f"{{'tokens': {self.tokens}, 'sink': 0}}")
+        if self.tokens is not None and isinstance(self.recent, int) and self.sink + self.recent > self.tokens:
+            raise ValueError(
+                f"budget.sink={self.sink} + budget.recent={self.recent} protected tokens do not fit a budget of "
+                f"{self.tokens} tokens (both are part of the budget); allowed: sink + recent <= tokens")
         return self
 
     def describe(self) -> str:
@@ -337,10 +348,15 @@ class Compact:
 
 @dataclass
 class KeepIndices:
-    """Decode action: keep these physical entries ``[B, Hs, K]`` (ascending), drop the rest."""
+    """Decode action: keep these physical entries ``[B, Hs, K]`` (ascending), drop the rest.
+
+    ``kept [B, Hs, K]`` (optional, default all True) marks filler slots (False): a row that must keep
+    its length while another row of the batch drops an entry gets an invalid slot there instead.
+    """
 
     indices: Tensor
     event: str = "decode"
+    kept: Tensor | None = None
 
 
 class DecodeRule(Component):
@@ -364,7 +380,11 @@ class LayerSchedule(Component):
 
     kind: ClassVar[str] = "schedule"
 
-    def layer_total(self, avg_total: Tensor, recent: Tensor, layer_idx: int, n_layers: int) -> Tensor:
+    def layer_total(self, avg_total: Tensor, recent: Tensor, layer_idx: int, n_layers: int, *,
+                    n_valid: Tensor | None = None) -> Tensor:
+        """Share of layer ``layer_idx`` per row ``[B]`` (real-valued or integer) given the uniform budget
+        ``avg_total [B]`` and the rows' valid lengths ``n_valid [B]``; :meth:`Policy.layer_budgets` caps,
+        redistributes and rounds the shares so the layers keep ``n_layers * avg_total`` in all."""
         return avg_total
 
 
@@ -382,6 +402,7 @@ class Policy:
     schedule: LayerSchedule
     prior: Prior | None = None
     description: str = ""
+    _budget_memo: dict[Any, list[LayerBudget]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def steps(self) -> list[Component]:
         return [s for s in (self.scorer, self.prior, self.selector, self.merger, self.decode, self.schedule)
@@ -396,16 +417,38 @@ class Policy:
 
     def layer_budget(self, layer_idx: int, n_layers: int, n_valid: Tensor) -> LayerBudget:
         """Resolve the budget of ``layer_idx`` for rows holding ``n_valid`` ``[B]`` valid tokens."""
+        return self.layer_budgets(n_layers, n_valid)[layer_idx]
+
+    def layer_budgets(self, n_layers: int, n_valid: Tensor) -> list[LayerBudget]:
+        """The budgets of all ``n_layers`` layers for rows holding ``n_valid`` ``[B]`` valid tokens.
+
+        The schedule's shares are capped at ``n_valid`` (a layer cannot keep more than it holds); what a
+        capped layer cannot use goes to the others, and the rounding remainder to the layers with the
+        largest fractional share (ties to the lower layer), so the layers keep exactly ``n_layers`` times
+        the uniform budget per row (less only where every layer keeps everything).
+        """
+        key = (n_layers, tuple(int(x) for x in n_valid.reshape(-1)))
+        hit = self._budget_memo.get(key)
+        if hit is not None:
+            return hit
         avg = self.budget.total(n_valid)
         recent = self.budget.recent_count(avg)
-        total = self.schedule.layer_total(avg, recent, layer_idx, n_layers)
-        total = torch.minimum(total.long().clamp_min(1), n_valid)
-        total = torch.where(avg >= n_valid, n_valid, total)  # budget >= length: no layer compresses
-        if isinstance(self.budget.recent, float):
-            recent = self.budget.recent_count(total)
-        lb = LayerBudget(total=total, sink=self.budget.sink, recent=recent, ratio=self.budget.ratio, seen=n_valid)
-        lb.check(self.budget, n_valid, layer_idx)
-        return lb
+        raw = torch.stack([self.schedule.layer_total(avg, recent, i, n_layers, n_valid=n_valid).double()
+                           for i in range(n_layers)])  # [n_layers, B]
+        totals = torch.stack([fit_total(raw[:, b], int(n_valid[b]), int(avg[b]) * n_layers)
+                              for b in range(n_valid.numel())], dim=1) if n_valid.numel() else raw.long()
+        out = []
+        for i in range(n_layers):
+            total = torch.minimum(totals[i].clamp_min(1), n_valid)
+            total = torch.where(avg >= n_valid, n_valid, total)  # budget >= length: no layer compresses
+            rec = self.budget.recent_count(total) if isinstance(self.budget.recent, float) else recent
+            lb = LayerBudget(total=total, sink=self.budget.sink, recent=rec, ratio=self.budget.ratio, seen=n_valid)
+            lb.check(self.budget, n_valid, i)
+            out.append(lb)
+        if len(self._budget_memo) > 64:
+            self._budget_memo.clear()
+        self._budget_memo[key] = out
+        return out
 
     def reconstruction(self) -> ReconstructionPlan | None:
         """The plan of the first step that defines ``reconstruction_plan()`` (deferred prefill), or None."""
@@ -417,11 +460,7 @@ class Policy:
 
     def compress(self, ctx: CompressionContext) -> tuple[Selection, Merged]:
         """Run score -> prior -> select -> merge on one layer."""
-        scores = self.scorer.score(ctx).float()
-        priority = self.prior.priority(ctx) if self.prior is not None else None
-        selection = self.selector.select(ctx, scores, priority)
-        merged = self.merger.merge(ctx, selection, scores)
-        return selection, merged
+        return run_steps(ctx, self.scorer, self.prior, self.selector, self.merger)
 
     def to_config(self) -> dict[str, Any]:
         """The policy as a config mapping (``load_policy(policy.to_config())`` rebuilds it)."""
@@ -439,6 +478,45 @@ class Policy:
         if self.prior is not None:
             cfg["prior"] = self.prior.spec()
         return cfg
+
+
+def run_steps(ctx: CompressionContext, scorer: Scorer, prior: Prior | None, selector: Selector, merger: Merger
+              ) -> tuple[Selection, Merged]:
+    """score -> prior -> select -> merge on one layer, each step's output checked against its contract
+    (:mod:`kvpolicy.contract`) before the next step sees it."""
+    scores = contract.check_scores(scorer, ctx, scorer.score(ctx))
+    priority = contract.check_priority(prior, ctx, prior.priority(ctx)) if prior is not None else None
+    selection = selector.select(ctx, scores, priority)
+    contract.check_selection(selector, ctx, selection)
+    merged = merger.merge(ctx, selection, scores)
+    contract.check_merged(merger, ctx, selection, merged)
+    return selection, merged
+
+
+def fit_total(raw: Tensor, cap: int, target: int) -> Tensor:
+    """Integer layer budgets ``[n_layers]`` from real-valued shares ``raw`` that add up to ``target``.
+
+    Each layer holds at most ``cap`` (the row's valid tokens) and at least 1; what a capped layer cannot
+    hold is spread evenly over the uncapped ones (repeatedly, as they reach the cap), then the rounding
+    remainder goes to the largest fractional parts (ties to the lower layer). ``target`` above
+    ``n_layers * cap`` gives every layer ``cap``.
+    """
+    n = raw.numel()
+    x = raw.double().clamp(1.0, float(cap))
+    target = min(target, n * cap)
+    for _ in range(n):
+        short = target - float(x.sum())
+        free = x < cap
+        if short <= 1e-9 or not bool(free.any()):
+            break
+        x = torch.where(free, x + short / int(free.sum()), x).clamp(max=float(cap))
+    out = x.floor().long()
+    left = target - int(out.sum())
+    if left > 0:
+        frac = torch.where(out < cap, x - out.double(), torch.full_like(x, -1.0))
+        order = torch.sort(frac, descending=True, stable=True).indices
+        out[order[:left]] += 1
+    return out
 
 
 def gather_kept(ctx: CompressionContext, selection: Selection) -> tuple[Tensor, Tensor]:
@@ -472,5 +550,5 @@ __all__ = [
     "Budget", "LayerBudget", "CompressionContext", "Selection", "Merged", "Component", "Scorer", "Prior",
     "Selector", "Merger", "DecodeRule", "DecodeView", "Compact", "KeepIndices", "LayerSchedule", "Policy",
     "ReconstructionPlan",
-    "gather_kept", "evicted_indices", "log_or_none",
+    "gather_kept", "evicted_indices", "log_or_none", "fit_total", "run_steps",
 ]

@@ -3,11 +3,18 @@
 Built-in plugins (``plugins/`` in the repository) register through the same entry points as a
 third-party package. Loading is lazy and happens once (:func:`get_registry`).
 
-* Two plugins registering the same ``(kind, name)`` -> :class:`~kvpolicy.errors.PluginError` naming both
-  plugins and both distributions.
+* Plugins load in priority order: the built-ins (the entry points of the ``kvpolicy`` distribution
+  itself), then the other entry points by entry-point name, then :func:`register_plugin` plugins in the
+  order they were registered.
+* A plugin that registers a ``(kind, name)`` or a preset name that a plugin loaded before it already
+  registered, or whose entry-point name is already taken, is refused: a ``RuntimeWarning`` naming both
+  plugins and both distributions, none of its components and presets are registered, and it is listed
+  in :attr:`Registry.failed`. The built-in always wins; so does the first of two third-party plugins.
 * A plugin that fails to import (or whose hook raises, or returns something that is not a component /
   preset) -> a ``RuntimeWarning`` naming the plugin, its distribution and the error; every other plugin
-  still loads. ``strict=True`` (or ``KVPOLICY_STRICT_PLUGINS=1``) turns it into a ``PluginError``.
+  still loads.
+* ``strict=True`` (or ``KVPOLICY_STRICT_PLUGINS=1``) turns every refusal and failure into a
+  :class:`~kvpolicy.errors.PluginError`.
 * ``KVPOLICY_DISABLE_PLUGINS="name1,name2"`` or :func:`disable_plugin` skips plugins by entry-point name.
   A config that names a component of a disabled plugin gets an error saying so.
 * :func:`register_plugin` adds a plugin object at run time (tests, notebooks) with the same hooks.
@@ -32,6 +39,8 @@ KINDS = ("scorer", "prior", "selector", "merger", "decode", "schedule")
 ENTRY_POINT_GROUP = "kvpolicy"
 DISABLE_ENV = "KVPOLICY_DISABLE_PLUGINS"
 STRICT_ENV = "KVPOLICY_STRICT_PLUGINS"
+BUILTIN_DISTRIBUTION = "kvpolicy"  # entry points of this distribution are the built-in plugins
+RUNTIME_DISTRIBUTION = "(registered at run time)"  # the distribution shown for register_plugin() plugins
 _disabled: set[str] = set()
 
 
@@ -55,6 +64,11 @@ class Registered:
     distribution: str
     version: str
     description: str
+
+    @property
+    def key(self) -> str | tuple[str, str]:
+        """The key in :attr:`Registry.presets` (the name) or :attr:`Registry.components` (``(kind, name)``)."""
+        return self.name if self.kind == "preset" else (self.kind, self.name)
 
 
 @dataclass
@@ -92,10 +106,14 @@ class Registry:
 
     components: dict[tuple[str, str], Registered] = field(default_factory=dict)
     presets: dict[str, Registered] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # plugin name -> error message
+    failed: dict[str, str] = field(default_factory=dict)  # plugin name -> why it failed or was refused
     disabled: dict[str, DisabledPlugin] = field(default_factory=dict)
     plugins: dict[str, tuple[str, str]] = field(default_factory=dict)  # plugin name -> (distribution, version)
     manager: pluggy.PluginManager | None = None
+
+    def table(self, kind: str) -> dict[Any, Registered]:
+        """:attr:`presets` for ``"preset"``, else :attr:`components`."""
+        return self.presets if kind == "preset" else self.components
 
     def component(self, kind: str, name: str) -> type[Component]:
         """The component class registered as ``(kind, name)``; :class:`UnknownComponentError` otherwise."""
@@ -163,7 +181,7 @@ def _dist_of(ep: EntryPoint) -> tuple[str, str]:
 
 
 class _Loader:
-    """Collects load failures: a warning each, or a :class:`PluginError` in strict mode."""
+    """Collects load failures and refusals: a warning each, or a :class:`PluginError` in strict mode."""
 
     def __init__(self, reg: Registry, strict: bool) -> None:
         self.reg, self.strict = reg, strict
@@ -178,11 +196,20 @@ class _Loader:
         self.reg.failed[plugin] = msg
 
 
+_REFUSED = (f"none of its components or presets are registered (built-in plugins win, then the first "
+            f"entry point by name, then run-time plugins in registration order); rename the clashing names "
+            f"or disable one plugin with {DISABLE_ENV}")
+
+
 def build_registry(strict: bool | None = None, extra_plugins: list[tuple[str, Any]] | None = None) -> Registry:
     """Load every plugin of the ``kvpolicy`` entry-point group (plus ``extra_plugins``) into a registry.
 
+    Plugins load in priority order: the built-ins (entry points of the ``kvpolicy`` distribution), then
+    third-party entry points by name, then ``extra_plugins`` in order. A plugin that clashes with one
+    loaded before it is refused (see the module docstring).
+
     Args:
-        strict: turn load failures into :class:`PluginError` (default: ``KVPOLICY_STRICT_PLUGINS``).
+        strict: turn load failures and refusals into :class:`PluginError` (default: ``KVPOLICY_STRICT_PLUGINS``).
         extra_plugins: ``(name, plugin)`` pairs registered after the entry points.
     """
     if strict is None:
@@ -193,19 +220,20 @@ def build_registry(strict: bool | None = None, extra_plugins: list[tuple[str, An
     off = _disabled | _env_disabled()
     loader = _Loader(reg, strict)
     candidates: list[tuple[str, str, str, Any]] = []  # (name, dist, version, entry point or object)
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist, version = _dist_of(ep)
         candidates.append((ep.name, dist, version, ep))
+    candidates.sort(key=lambda c: (c[1] != BUILTIN_DISTRIBUTION, c[0]))  # built-ins first, then by name
     for name, plugin in extra_plugins or []:
-        candidates.append((name, "(registered at run time)", "", plugin))
+        candidates.append((name, RUNTIME_DISTRIBUTION, "", plugin))
     for name, dist, version, source in candidates:
         if name in off:
             reg.disabled[name] = DisabledPlugin(name, dist, source)
             continue
         if name in reg.plugins:
-            old_dist = reg.plugins[name][0]
-            raise PluginError(f"two kvpolicy plugins are named {name!r}: one from distribution {old_dist!r}, "
-                              f"one from {dist!r}; rename one entry point or disable it with {DISABLE_ENV}")
+            loader.fail(name, dist, f"refused: another kvpolicy plugin named {name!r} (distribution "
+                                    f"{reg.plugins[name][0]!r}) is already loaded; {_REFUSED}")
+            continue
         try:
             plugin = source.load() if isinstance(source, EntryPoint) else source
         except Exception as exc:  # noqa: BLE001 - any import failure of a third-party plugin
@@ -213,52 +241,70 @@ def build_registry(strict: bool | None = None, extra_plugins: list[tuple[str, An
             continue
         try:
             pm.register(plugin, name=name)
-        except ValueError as exc:  # the same module under two names, or a bad hook signature
-            raise PluginError(f"kvpolicy plugin {name!r} from distribution {dist!r} cannot be registered: "
-                              f"{exc}") from exc
+        except (ValueError, pluggy.PluginValidationError) as exc:  # the same module twice, a bad hook signature
+            loader.fail(name, dist, "cannot be registered", exc)
+            continue
         reg.plugins[name] = (dist, version)
-    for impl in pm.hook.kvpolicy_components.get_hookimpls():
-        dist, version = reg.plugins[impl.plugin_name]
-        items = _run_hook(loader, pm, impl, dist)
-        for cls in items or []:
-            if not (isinstance(cls, type) and issubclass(cls, Component) and cls.name):
-                loader.fail(impl.plugin_name, dist, f"returned {cls!r} from kvpolicy_components(); allowed: "
-                            f"subclasses of kvpolicy.Scorer, Prior, Selector, Merger, DecodeRule or "
-                            f"LayerSchedule with a class attribute `name`")
-                continue
-            _add(reg.components, (cls.kind, cls.name), Registered(
-                cls.kind, cls.name, cls, impl.plugin_name, dist, version, cls.description()))
-    for impl in pm.hook.kvpolicy_presets.get_hookimpls():
-        dist, version = reg.plugins[impl.plugin_name]
-        for preset in _run_hook(loader, pm, impl, dist) or []:
-            if not (isinstance(preset, Preset) and isinstance(preset.config, dict)):
-                loader.fail(impl.plugin_name, dist, f"returned {preset!r} from kvpolicy_presets(); allowed: "
-                            f"kvpolicy.Preset(name, config_mapping, description)")
-                continue
-            _add(reg.presets, preset.name, Registered(
-                "preset", preset.name, preset, impl.plugin_name, dist, version, preset.description))
+    for name, (dist, version) in list(reg.plugins.items()):  # priority order: the first one wins a clash
+        items = _contribution(loader, pm, name, dist, version)
+        clashes = _clashes(reg, items)
+        if clashes:
+            pm.unregister(name=name)
+            del reg.plugins[name]
+            loader.fail(name, dist, f"refused: {'; '.join(clashes)}; {_REFUSED}")
+            continue
+        for item in items:
+            reg.table(item.kind)[item.key] = item
     return reg
 
 
-def _run_hook(loader: _Loader, pm: pluggy.PluginManager, impl: Any, dist: str) -> list[Any] | None:
+def _contribution(loader: _Loader, pm: pluggy.PluginManager, name: str, dist: str, version: str
+                  ) -> list[Registered]:
+    """The components and presets plugin ``name`` returns; invalid items are load failures and skipped."""
+    items: list[Registered] = []
+    for impl in _impls(pm, "kvpolicy_components", name):
+        for cls in _run_hook(loader, impl, dist):
+            if not (isinstance(cls, type) and issubclass(cls, Component) and cls.name and cls.kind in KINDS):
+                loader.fail(name, dist, f"returned {cls!r} from kvpolicy_components(); allowed: subclasses of "
+                                        f"kvpolicy.Scorer, Prior, Selector, Merger, DecodeRule or LayerSchedule "
+                                        f"with a class attribute `name`")
+                continue
+            items.append(Registered(cls.kind, cls.name, cls, name, dist, version, cls.description()))
+    for impl in _impls(pm, "kvpolicy_presets", name):
+        for preset in _run_hook(loader, impl, dist):
+            if not (isinstance(preset, Preset) and isinstance(preset.config, dict)):
+                loader.fail(name, dist, f"returned {preset!r} from kvpolicy_presets(); allowed: "
+                                        f"kvpolicy.Preset(name, config_mapping, description)")
+                continue
+            items.append(Registered("preset", preset.name, preset, name, dist, version, preset.description))
+    return items
+
+
+def _impls(pm: pluggy.PluginManager, hook: str, plugin_name: str) -> list[Any]:
+    return [impl for impl in getattr(pm.hook, hook).get_hookimpls() if impl.plugin_name == plugin_name]
+
+
+def _run_hook(loader: _Loader, impl: Any, dist: str) -> list[Any]:
     try:
         return list(impl.function() or [])
     except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
         loader.fail(impl.plugin_name, dist, f"raised in {impl.function.__name__}()", exc)
-        return None
+        return []
 
 
-def _add(table: dict, key: Any, item: Registered) -> None:
-    if item.kind not in KINDS + ("preset",):
-        raise PluginError(f"plugin {item.plugin!r} (distribution {item.distribution!r}) registers {item.name!r} "
-                          f"of unknown kind {item.kind!r}; allowed: {', '.join(KINDS)}")
-    old = table.get(key)
-    if old is not None:
+def _clashes(reg: Registry, items: list[Registered]) -> list[str]:
+    """What in ``items`` is already registered (or repeated within ``items``), one phrase each."""
+    out: list[str] = []
+    seen: set[Any] = set()
+    for item in items:
         what = f"{item.kind} {item.name!r}"
-        raise PluginError(f"{what} is registered twice: by plugin {old.plugin!r} (distribution "
-                          f"{old.distribution!r}) and by plugin {item.plugin!r} (distribution "
-                          f"{item.distribution!r}); disable one with {DISABLE_ENV}")
-    table[key] = item
+        old = reg.table(item.kind).get(item.key)
+        if old is not None:
+            out.append(f"{what} is already registered by plugin {old.plugin!r} (distribution {old.distribution!r})")
+        elif item.key in seen:
+            out.append(f"{what} is returned twice by this plugin")
+        seen.add(item.key)
+    return out
 
 
 _registry: Registry | None = None
@@ -274,7 +320,12 @@ def get_registry() -> Registry:
 
 
 def register_plugin(plugin: Any, name: str) -> None:
-    """Register a plugin object (a module or object with hook functions) at run time, then reload."""
+    """Register a plugin object (a module or object with hook functions) at run time, then reload.
+
+    It loads after every entry point: a component or preset name that is already taken gets it refused
+    (a ``RuntimeWarning``; it stays listed in :attr:`Registry.failed` until :func:`unregister_plugin`).
+    In strict mode the :class:`PluginError` propagates and the plugin is not kept.
+    """
     if any(n == name for n, _ in _extra):
         raise PluginError(f"a run-time kvpolicy plugin is already registered as {name!r}; "
                           f"call unregister_plugin({name!r}) first")

@@ -17,11 +17,13 @@ What is checked, on random ``CompressionContext`` s built directly (random keys 
 batch with left padding, GQA, fp32 / fp16 / bf16, degenerate inputs: zero-norm keys, duplicate keys,
 all-equal scores, large norms, lengths 1 and budget + 1) and through a tiny random Llama's cache:
 
-Universal (every policy): shapes, dtypes and devices preserved; kept entries valid (pads never kept) and
-in ascending original order; pads never merged into a kept entry; kept entries finite; inputs not
-mutated; deterministic; GQA with identical query heads in a group equals MHA; batch elements
-independent; a budget >= the length reproduces the uncompressed logits at every decoding step; a
-compressed ``generate()`` runs with finite logits and no pad entry kept.
+Universal (every policy): each step's output passes the pipeline's contract (:mod:`kvpolicy.contract`:
+shapes, dtypes and devices, no NaN score, finite kept entries); kept entries valid (pads never kept) and
+in ascending original order; pads never merged into a kept entry; inputs not mutated; deterministic; GQA
+with identical query heads in a group equals MHA; batch independence (a row left-padded in a batch keeps
+the entries, shifted by its padding, that the same row keeps alone without padding); a budget >= the
+length reproduces the uncompressed logits at every decoding step; a compressed ``generate()`` runs with
+finite logits and no pad entry kept.
 
 Declared (``Component.promises``): selectors ``"exact_size"`` (keeps ``min(budget, valid)`` entries per
 row and head), ``"protected"`` (sinks and recent window kept), ``"nested"`` (a larger budget keeps a
@@ -29,7 +31,12 @@ superset); mergers ``"gather"`` (kept entries bit-identical: pure eviction), ``"
 (merging identical vectors returns them; with ``"convex"`` this means non-negative weights summing to
 one), ``"convex"`` (each merged coordinate lies between the min and max of the entries merged into it),
 ``"assign_once"`` (every evicted valid entry is merged into exactly one kept entry); schedules
-``"same_total"`` (layer budgets add up to the uniform total, up to rounding).
+``"same_total"`` (layer budgets add up to exactly the uniform total, at the policy's ratio and at 0.8).
+
+What the merge promises assume: contributions are read from a run with unit-vector values (value ``j``
+= ``e_j``), so ``assign_once`` and ``convex`` hold for mergers whose weights are non-negative;
+``convex`` then reruns the merger alone, with the same selection and scores, on random values, so it
+assumes the merger's assignment does not depend on the values (the scorer and selector may read them).
 
 Profiles: ``KVPOLICY_HYPOTHESIS_PROFILE=ci`` (default: 20 examples, derandomized) or ``thorough``
 (300 examples, random). The kit applies its profile to its own checks only.
@@ -49,7 +56,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from kvpolicy import ops
-from kvpolicy.errors import BudgetError, ConfigError
+from kvpolicy.errors import BudgetError, ConfigError, StepOutputError
 from kvpolicy.policy import Budget, CompressionContext, LayerBudget, Merged, Policy, Selection
 
 PROFILE_ENV = "KVPOLICY_HYPOTHESIS_PROFILE"
@@ -182,6 +189,8 @@ def with_budget(policy: Policy, budget: dict[str, Any]) -> Policy:
     cfg.update(budget)
     if isinstance(cfg.get("recent"), int) and "tokens" in cfg and cfg["recent"] > cfg["tokens"]:
         cfg["recent"] = cfg["tokens"]
+    if "tokens" in cfg and cfg.get("sink", 0) > cfg["tokens"]:
+        cfg["sink"] = cfg["tokens"]  # sinks are part of the budget
     return dataclasses.replace(policy, budget=Budget.model_validate(cfg))
 
 
@@ -216,8 +225,14 @@ def compresses(ctx: CompressionContext) -> bool:
     return bool((ctx.budget.total < ctx.valid[:, 0].sum(-1)).any())
 
 
-def run(policy: Policy, ctx: CompressionContext) -> tuple[Selection, Merged]:
-    return policy.compress(ctx)
+def run(policy: Policy, ctx: CompressionContext, case: Case | None = None) -> tuple[Selection, Merged]:
+    """``policy.compress(ctx)``; a step output the pipeline refuses (:mod:`kvpolicy.contract`) fails the
+    property it breaks."""
+    try:
+        return policy.compress(ctx)
+    except StepOutputError as err:
+        _fail(err.prop, case, str(err))
+        raise  # unreachable: _fail raises
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -319,7 +334,7 @@ def _merge_basis_checks(policy: Policy, case: Case) -> None:
     ctx = make_context(policy, case, basis)
     if ctx is None or not compresses(ctx):
         return
-    sel, merged = run(policy, ctx)
+    sel, merged = run(policy, ctx, case)
     b, h, s = ctx.shape
     idx = ops.expand_heads(sel.indices, h)
     kept = ops.expand_heads(sel.kept, h)
@@ -339,14 +354,17 @@ def _merge_basis_checks(policy: Policy, case: Case) -> None:
             _fail("assign_once", case, f"evicted entry {e} (row {r}, head {j}) was merged into "
                                        f"{int(count[r, j, e])} kept entries; expected exactly 1")
     if "convex" in mp:
+        # The same selection and scores, other values: the merger alone runs again, so a scorer or selector
+        # that reads the values cannot change which entries meet (it did, through filler slots, before).
+        # Assumes the merger's assignment (which evicted entry folds into which kept slot) does not depend
+        # on the values; a merger whose assignment reads them cannot promise "convex" this way.
         rnd = Inputs(basis.keys, torch.randn(basis.values.shape, generator=torch.Generator().manual_seed(case.seed)),
                      basis.queries, basis.valid, basis.is_image, basis.reconstruction)
         ctx2 = make_context(policy, case, rnd)
         if ctx2 is None:
             return
-        sel2, merged2 = run(policy, ctx2)
-        if not torch.equal(sel2.indices, sel.indices):
-            return  # assignment depends on values: the convexity check does not apply
+        scores = policy.scorer.score(make_context(policy, case, basis.clone())).float()
+        merged2 = policy.merger.merge(ctx2, sel, scores)
         v = rnd.values.float()  # [B, H, S, D]
         big = torch.finfo(torch.float32).max
         inside = contrib.unsqueeze(-1)  # [B, H, K, S, 1]
@@ -365,7 +383,7 @@ def _identity_on_equal(policy: Policy, case: Case) -> None:
     ctx = make_context(policy, eq, inputs)
     if ctx is None or not compresses(ctx):
         return
-    sel, merged = run(policy, ctx)
+    sel, merged = run(policy, ctx, case)
     kept = ops.expand_heads(sel.kept, ctx.shape[1]).unsqueeze(-1)
     for name, src, out in (("keys", inputs.keys, merged.keys), ("values", inputs.values, merged.values)):
         ref = src[:, :, -1:].expand_as(out)  # every valid entry equals the last one
@@ -414,7 +432,7 @@ def check_case(policy: Policy, case: Case) -> None:
     ctx = make_context(policy, case, inputs)
     if ctx is None or not compresses(ctx):
         return
-    first = run(policy, ctx)
+    first = run(policy, ctx, case)
     for name, a, b in zip(("keys", "values", "queries", "valid", "is_image", "reconstruction"),
                           dataclasses.astuple(inputs),
                           dataclasses.astuple(pristine)):
@@ -422,12 +440,12 @@ def check_case(policy: Policy, case: Case) -> None:
             _fail("inputs not mutated", case, f"compression modified the input {name}")
     check_output(policy, ctx, *first, case)
     check_promises(policy, ctx, *first, case)
-    again = run(policy, make_context(policy, case, pristine.clone()))
+    again = run(policy, make_context(policy, case, pristine.clone()), case)
     diff = _same_result(first, again, exact=True)
     if diff:
         _fail("determinism", case, f"two runs on the same input: {diff}")
     if case.pattern in ("random", "large"):
-        if case.batch > 1:
+        if case.batch > 1 or any(case.pads):
             _batch_independent(policy, case, pristine, first)
         if case.group > 1:
             _gqa_equals_mha(policy, case, pristine)
@@ -441,20 +459,27 @@ def check_case(policy: Policy, case: Case) -> None:
 
 
 def _batch_independent(policy: Policy, case: Case, inputs: Inputs, batched: tuple[Selection, Merged]) -> None:
+    """Each row of the left-padded batch keeps the entries (shifted by its padding) that the same row keeps
+    alone without any padding."""
     ctx_b = make_context(policy, case, inputs.clone())
     sets_b = _kept_sets(ctx_b, batched[0])
     for r in range(case.batch):
-        one = dataclasses.replace(case, batch=1, pads=(case.pads[r],))
-        ctx = make_context(policy, one, inputs.row(r))
+        pad = case.pads[r]
+        one = dataclasses.replace(case, batch=1, pads=(0,), seq=case.seq - pad)
+        row = inputs.row(r)
+        alone_in = Inputs(*(t[:, :, pad:].clone() for t in dataclasses.astuple(row)))
+        ctx = make_context(policy, one, alone_in)
         if ctx is None:
             continue
         if not compresses(ctx):
-            alone = [set(torch.nonzero(ctx.valid[0, j]).flatten().tolist()) for j in range(case.kv_heads)]
+            alone = [set(range(one.seq)) for _ in range(case.kv_heads)]
         else:
-            alone = _kept_sets(ctx, run(policy, ctx)[0])[0]
+            alone = _kept_sets(ctx, run(policy, ctx, case)[0])[0]
+        alone = [{i + pad for i in x} for x in alone]
         if alone != sets_b[r]:
-            _fail("batch independence", case, f"row {r} keeps {[sorted(x) for x in sets_b[r]]} in the batch, "
-                                              f"{[sorted(x) for x in alone]} alone")
+            _fail("batch independence", case, f"row {r} (left padding {pad}) keeps "
+                                              f"{[sorted(x) for x in sets_b[r]]} in the batch, "
+                                              f"{[sorted(x) for x in alone]} alone without padding (shifted)")
 
 
 def _gqa_equals_mha(policy: Policy, case: Case, inputs: Inputs) -> None:
@@ -560,23 +585,26 @@ def check_on_model(policy: Policy, *, new_tokens: int = 5, seq: int = 40) -> Non
 
 
 def check_schedule(policy: Policy, n_layers: int = 6) -> None:
-    """Layer budgets are within ``[1, n_valid]``; ``same_total`` schedules add up to the uniform total."""
-    for n in (1, 7, 100, 1000):
-        n_valid = torch.tensor([n, max(1, n // 2)])
-        avg = policy.budget.total(n_valid)
-        tot = torch.zeros_like(n_valid)
-        for i in range(n_layers):
+    """Layer budgets are within ``[1, n_valid]``; ``same_total`` schedules add up to exactly the uniform total
+    (also at large ratios, where a layer's share can exceed the prompt and must go to the others)."""
+    for ratio in (None, 0.8):
+        pol = policy if ratio is None else with_budget(policy, {"ratio": ratio})
+        for n in (1, 7, 100, 1000, 4000):
+            n_valid = torch.tensor([n, max(1, n // 2)])
+            avg = pol.budget.total(n_valid)
             try:
-                lb = policy.layer_budget(i, n_layers, n_valid)
+                budgets = pol.layer_budgets(n_layers, n_valid)
             except BudgetError:
-                break
-            if bool((lb.total < 1).any() or (lb.total > n_valid).any()):
-                _fail("schedule range", None, f"layer {i}: totals {lb.total.tolist()} for {n_valid.tolist()} tokens")
-            tot += lb.total
-        else:
-            if "same_total" in policy.schedule.promises and bool(((tot - avg * n_layers).abs() > n_layers).any()):
-                _fail("same_total", None, f"layer budgets add up to {tot.tolist()}; uniform gives "
-                                          f"{(avg * n_layers).tolist()} (+- {n_layers} rounding)")
+                continue
+            tot = torch.zeros_like(n_valid)
+            for i, lb in enumerate(budgets):
+                if bool((lb.total < 1).any() or (lb.total > n_valid).any()):
+                    _fail("schedule range", None, f"layer {i}: totals {lb.total.tolist()} for {n_valid.tolist()} "
+                                                  f"tokens")
+                tot += lb.total
+            if "same_total" in pol.schedule.promises and not torch.equal(tot, avg * n_layers):
+                _fail("same_total", None, f"{pol.budget.describe()}: layer budgets add up to {tot.tolist()} for "
+                                          f"{n_valid.tolist()} tokens; uniform gives {(avg * n_layers).tolist()}")
 
 
 # --------------------------------------------------------------------------------------------- entry points

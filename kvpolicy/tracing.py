@@ -234,8 +234,13 @@ def read_trace(path: str) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise TraceFileError(f"trace file {str(p)!r} does not exist; write one with `kvpolicy run --trace jsonl:PATH`")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TraceFileError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a trace written "
+                             f"by --trace jsonl:PATH") from None
     spans = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

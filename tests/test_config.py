@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 import torch
@@ -145,8 +146,26 @@ def test_layer_overrides_round_trip(tmp_path, fmt):
     policy = load_policy(write(tmp_path, "p.yaml", GOOD_YAML))
     again = load_policy(write(tmp_path, f"again.{fmt}", dumps_policy(policy, fmt)))
     assert again.to_config() == policy.to_config()
-    with pytest.raises(ConfigError, match="TOML cannot hold null values"):
+    with pytest.raises(ConfigError, match=r"TOML cannot hold null values \(policy 'my-text-prior' has null at "
+                                          r"layer_overrides\.-1\.prior\); allowed: dump this policy as YAML or JSON"):
         dumps_policy(policy, "toml")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json", ".toml"])
+@pytest.mark.parametrize("preset", get_registry().names("preset"))
+def test_every_preset_round_trips_through_every_file_format(tmp_path, suffix, preset):
+    policy = load_policy(preset)
+    again = load_policy(dump_policy(policy, tmp_path / f"{preset}{suffix}"))
+    assert again.to_config() == policy.to_config()
+
+
+def test_toml_leaves_out_parameters_that_are_null_by_default():
+    policy = load_policy("kvzip-lite-mass")  # scorer.tokens and merger.quantile are None by default
+    cfg = policy.to_config()
+    assert cfg["scorer"]["tokens"] is None and cfg["merger"]["quantile"] is None
+    data = tomllib.loads(dumps_policy(policy, "toml"))
+    assert "tokens" not in data["scorer"] and "quantile" not in data["merger"]
+    assert load_policy(data).to_config() == cfg
 
 
 def test_toml_round_trip_with_layer_overrides(tmp_path):

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import kvpolicy
 from kvpolicy import observe
 from kvpolicy.cache import KVPolicyCache
+from kvpolicy.compat import cache_kwargs
 from kvpolicy.errors import BudgetError, CacheUsageError, ConfigError, UnknownComponentError, UnsupportedModelError
 
 from conftest import make_tiny_llama
@@ -55,7 +56,8 @@ def test_budget_covering_everything_reproduces_plain_generate_smollm2(smollm2, a
     with kvpolicy.compress(model, "snapkv", budget=1.0) as cache:
         seq, logits = _generate(model, batch["input_ids"], batch["attention_mask"], cache, steps=8)
     assert torch.equal(seq, ref_seq)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    # transformers' own SDPA path handles GQA differently across releases (5.16 and 5.24 differ by 2e-5 here)
+    torch.testing.assert_close(logits, ref_logits, atol=5e-5, rtol=0)
 
 
 def test_model_is_left_exactly_as_before(tiny_llama):
@@ -75,9 +77,9 @@ def test_plain_forward_compresses_then_decodes_with_true_positions(tiny_llama):
     ids = torch.randint(3, 100, (1, 60))
     with torch.no_grad():
         ref_cache = DynamicCache()
-        ref = tiny_llama(input_ids=ids, cache=ref_cache).logits[:, -1]
+        ref = tiny_llama(input_ids=ids, **cache_kwargs(tiny_llama, ref_cache)).logits[:, -1]
         nxt = ref.argmax(-1, keepdim=True)
-        ref2 = tiny_llama(input_ids=nxt, cache=ref_cache).logits[:, -1]
+        ref2 = tiny_llama(input_ids=nxt, **cache_kwargs(tiny_llama, ref_cache)).logits[:, -1]
         with kvpolicy.compress(tiny_llama, "h2o", budget=1.0) as cache:
             out = tiny_llama(input_ids=ids, cache=cache).logits[:, -1]
             out2 = tiny_llama(input_ids=nxt, cache=cache).logits[:, -1]
@@ -100,8 +102,8 @@ def test_second_generate_on_the_same_cache(tiny_llama):
     with torch.no_grad():
         # full budget: two turns equal the plain two-turn run
         ref_cache = DynamicCache()
-        tiny_llama(input_ids=ids, cache=ref_cache)
-        ref = tiny_llama(input_ids=turn2, cache=ref_cache).logits
+        tiny_llama(input_ids=ids, **cache_kwargs(tiny_llama, ref_cache))
+        ref = tiny_llama(input_ids=turn2, **cache_kwargs(tiny_llama, ref_cache)).logits
         with kvpolicy.compress(tiny_llama, "snapkv", budget=1.0) as cache:
             tiny_llama(input_ids=ids, cache=cache)
             out = tiny_llama(input_ids=turn2, cache=cache).logits
@@ -212,8 +214,8 @@ def test_decode_steps_append_in_place(tiny_llama):
     steps = torch.randint(3, 100, (1, 8))
     with torch.no_grad():
         ref_cache = DynamicCache()
-        tiny_llama(input_ids=ids, cache=ref_cache)
-        ref = [tiny_llama(input_ids=steps[:, i:i + 1], cache=ref_cache).logits for i in range(8)]
+        tiny_llama(input_ids=ids, **cache_kwargs(tiny_llama, ref_cache))
+        ref = [tiny_llama(input_ids=steps[:, i:i + 1], **cache_kwargs(tiny_llama, ref_cache)).logits for i in range(8)]
         with kvpolicy.compress(tiny_llama, "snapkv", budget=1.0) as cache:
             tiny_llama(input_ids=ids, cache=cache)
             got, ptrs = [], []
@@ -247,12 +249,30 @@ def test_scoring_at_8k_allocates_no_LxL_buffer():
     ({"tokens": -5}, "tokens"), ({"tokens": 0}, "tokens"), ({"tokens": 10, "recent": 20}, "recent"),
     ({"ratio": 0.2, "tokens": 10}, "exactly one"), ({"ratio": 0.2, "recent": 1.5}, "recent"),
     ({"ratio": 0.2, "sink": -1}, "sink"),
+    # issue 12: h2o's 4 sinks do not fit 3 tokens; sinks + a recent count larger than the budget
+    ({"tokens": 3}, "budget.sink=4 sink tokens do not fit a budget of 3 tokens"),
+    ({"tokens": 10, "sink": 4, "recent": 8}, "budget.sink=4 + budget.recent=8"),
 ])
 def test_bad_budgets_name_the_value_and_what_is_allowed(budget, needle):
     with pytest.raises(ConfigError) as err:
         kvpolicy.load_policy("h2o", budget=budget)
     msg = str(err.value)
     assert needle in msg and "budget" in msg
+
+
+def test_sinks_larger_than_a_token_budget_are_refused_not_cut():
+    """Issue 12: ``Budget(tokens=3, sink=4)`` was accepted and the selectors silently kept 3 of the 4 sinks."""
+    from pydantic import ValidationError
+
+    from kvpolicy.policy import Budget
+
+    with pytest.raises(ValidationError, match=r"budget\.sink=4 sink tokens do not fit a budget of 3 tokens.*"
+                                              r"allowed: 0 <= sink <= tokens"):
+        Budget(tokens=3, sink=4)
+    with pytest.raises(ValidationError, match=r"budget\.sink=4 \(the default\)"):
+        Budget(tokens=3)
+    assert Budget(tokens=4, sink=4).sink == 4 and Budget(tokens=3, sink=0).tokens == 3
+    assert Budget(ratio=0.01, sink=4).sink == 4  # a ratio's size is known only per sequence
 
 
 def test_float_override_out_of_range():
@@ -292,8 +312,8 @@ def test_cache_used_outside_its_block_or_with_another_cache(tiny_llama):
     with kvpolicy.compress(tiny_llama, "snapkv") as cache:
         with pytest.raises(CacheUsageError, match="call the model with cache=cache"):
             tiny_llama(input_ids=ids, cache=DynamicCache())
-    with pytest.raises(CacheUsageError, match="not attached"):
-        tiny_llama(input_ids=ids, cache=cache)
+    with pytest.raises(CacheUsageError, match="not attached"):  # outside the block: the model's own keyword
+        tiny_llama(input_ids=ids, **cache_kwargs(tiny_llama, cache))
 
 
 # ------------------------------------------------------------------------------------------ dtypes

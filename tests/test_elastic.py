@@ -64,6 +64,48 @@ def test_golden_prefill_and_decode():
     assert after[13] == [0, 2, 5, 10, 11, 12, 13]
 
 
+def test_golden_mass_and_value_only_forms():
+    """Issue 12: ``mass`` adds ``+log n`` (n = tokens an anchor stands for) to the faithful bucket mean;
+    ``keys: keep`` averages values only. Buckets of the golden example: {1, 2, 3}, {4, 5, 6}, {7, 8}."""
+    ctx = _ctx(torch.arange(10.0).view(1, 1, 10, 1), torch.ones(1, 10, dtype=torch.bool), ratio=0.5)
+    sc = torch.tensor([GOLDEN_SCORES])[:, None, :]
+    sel = ElasticAnchors().select(ctx, sc, None)
+    mass = ElasticBucket(mass=True).merge(ctx, sel, sc)
+    assert mass.keys.flatten().tolist() == mass.values.flatten().tolist() == [0.0, 2.0, 5.0, 7.5, 9.0]
+    assert mass.multiplicity.flatten().tolist() == [1.0, 3.0, 3.0, 2.0, 1.0] and mass.merged == 5
+    torch.testing.assert_close(mass.bias.flatten(), torch.tensor([1.0, 3, 3, 2, 1]).log())
+    vonly = ElasticBucket(keys="keep", mass=True).merge(ctx, sel, sc)
+    assert vonly.keys.flatten().tolist() == [0.0, 2.0, 5.0, 8.0, 9.0]  # the anchors' own keys
+    assert vonly.values.flatten().tolist() == [0.0, 2.0, 5.0, 7.5, 9.0]
+    assert ElasticBucket().merge(ctx, sel, sc).bias is None  # the paper's form: no bias
+    # entries that already stand for several tokens (a second prompt on the same cache) weigh accordingly
+    ctx.multiplicity = torch.tensor([[[1.0, 1, 1, 3, 1, 1, 1, 1, 1, 1]]])
+    again = ElasticBucket(mass=True).merge(ctx, sel, sc)
+    assert again.values[0, 0, 1, 0].item() == pytest.approx((1 + 2 + 3 * 3) / 5) and again.multiplicity[0, 0, 1] == 5
+
+
+def test_mass_keeps_attention_exact_for_a_bucket_of_duplicates():
+    """With ``mass``, a bucket of identical keys and values weighs as all its tokens in the softmax."""
+    from kvpolicy.integrate import sdpa
+
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(1, 1, 4, 8, generator=g), torch.randn(1, 1, 4, 8, generator=g)
+    order = [0, 1, 1, 1, 2, 2, 2, 3]  # buckets {1, 2, 3} and {4, 5, 6} (4 -> 5: nearer than 2) hold duplicates
+    keys, values = k[:, :, order], v[:, :, order]
+    ctx = _ctx(values, torch.ones(1, 8, dtype=torch.bool), ratio=0.5)
+    ctx.keys = keys
+    sc = torch.tensor([[0.0, 0.1, 5.0, 0.2, 0.0, 4.0, 0.3, 0.0]])[:, None, :]  # anchors 2 and 5, F = 4 -> 4 kept
+    sel = ElasticAnchors().select(ctx, sc, None)
+    assert sel.indices.tolist() == [[[0, 2, 5, 7]]]
+    q = torch.randn(1, 2, 1, 8, generator=g)
+    full = sdpa(q, keys, values, None, 0.35, causal=False)
+    for form, exact in ((ElasticBucket(mass=True), True), (ElasticBucket(keys="keep", mass=True), True),
+                        (ElasticBucket(), False)):
+        m = form.merge(ctx, sel, sc)
+        out = sdpa(q, m.keys, m.values, None if m.bias is None else m.bias[:, :, None, :], 0.35, causal=False)
+        assert torch.allclose(out, full, atol=1e-5) == exact
+
+
 def test_golden_compat_mode_rank_bug_and_off_by_one():
     # argsort of the candidate scores is [2, 3, 5, 6, 0, 7, 4, 1]; entries > F = 5 sit at candidate
     # indices 3 and 5, i.e. positions 4 and 6 (importance 0.2 and 0.3); 4 entries are kept
@@ -133,9 +175,10 @@ def test_short_prompts_and_positive_distance():
     state = dict(ctx.state)
     FixedPoint().on_prefill(DecodeView(0, 1, n_seen=3, length=3, target=1, state=state, budget=ctx.budget))
     assert state["fixed_point"].tolist() == [1]
-    state = {}
-    FixedPoint(distance=7).on_prefill(DecodeView(0, 1, n_seen=20, length=10, target=1, state=state,
-                                                 budget=ctx.budget))
+    state = {}  # a layer compressed earlier (10 entries for 20 tokens seen, no padding), not compressed now
+    seen20 = LayerBudget(total=torch.tensor([10]), sink=1, recent=torch.tensor([0]), ratio=0.5,
+                         seen=torch.tensor([20]))
+    FixedPoint(distance=7).on_prefill(DecodeView(0, 1, n_seen=20, length=10, target=1, state=state, budget=seen20))
     assert state["fixed_point"].tolist() == [7]
 
 
@@ -209,6 +252,58 @@ def test_batch_generate_left_padded_through_the_cache(tiny_llama):
     assert not bool((layer.valid & (layer.positions < 12))[1].any())  # no pad of row 1 is valid
 
 
+def _teacher_forced(model, policy, prompts: list[torch.Tensor], steps: torch.Tensor):
+    """Left-padded prefill of ``prompts``, then ``steps [B, T]`` fed one token per forward; per step and
+    layer, each row's valid entries, the physical lengths, the last logits and each row's valid keys."""
+    b, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+    out = []
+    with torch.no_grad(), kvpolicy.compress(model, policy) as cache:
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), cache=cache)
+        for t in range(steps.shape[1]):
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+            logits = model(input_ids=steps[:, t:t + 1], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                           cache=cache).logits[:, -1]
+            out.append({"valid": [layer.valid[:, 0].sum(-1).tolist() for layer in cache.layers],
+                        "length": [layer.physical_length for layer in cache.layers], "logits": logits,
+                        "keys": [[layer.keys[r][:, layer.valid[r, 0]] for r in range(b)] for layer in cache.layers]})
+    return out
+
+
+@pytest.mark.parametrize("lens", [(41, 30), (43, 41)])
+def test_padded_batch_rows_follow_their_own_fixed_point_schedule(lens):
+    """Issue 12: each row of a left-padded batch deletes on its own ``int(len_r - n_seen_r * gamma) >= 1``, so
+    it holds, after every decode step, exactly the entries (and gives the logits) of the same prompt alone.
+    Before, every row deleted on the longest row's schedule: the 30-token row lost its entries at the 41-token
+    row's steps (valid counts off by one on 16 of the 24 steps here). gamma * (41 - 30) = 3.3 is not an
+    integer, so the rows delete at different steps; 43 and 41 tokens both compress to 13 entries (no filler
+    slot in either row), so a row that deletes alone needs a filler slot in front (``KeepIndices.kept``)."""
+    model = make_tiny_llama(layers=2, heads=4, kv_heads=2)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 120, (n,), generator=g) for n in lens]
+    steps = torch.randint(3, 120, (2, 24), generator=g)
+    policy = _elastic_policy(0.3, -5)
+    batch = _teacher_forced(model, policy, prompts, steps)
+    alone = [_teacher_forced(model, policy, [prompts[r]], steps[r:r + 1]) for r in range(2)]
+    deleted_at = {0: set(), 1: set()}
+    for t, got in enumerate(batch):
+        for r in range(2):
+            ref = alone[r][t]
+            assert [v[r] for v in got["valid"]] == [v[0] for v in ref["valid"]], (t, r)
+            torch.testing.assert_close(got["logits"][r], ref["logits"][0], atol=1e-4, rtol=1e-4)
+            for layer in range(2):
+                torch.testing.assert_close(got["keys"][layer][r], ref["keys"][layer][0], atol=1e-5, rtol=1e-5)
+            n_seen = lens[r] + t + 1
+            assert abs(ref["valid"][0][0] - 0.3 * n_seen) <= 2  # ALGORITHMS.md 6, invariant 18
+            if t and ref["valid"][0][0] == alone[r][t - 1]["valid"][0][0]:
+                deleted_at[r].add(t)
+        assert got["length"] == [max(v) for v in got["valid"]]  # no filler slot beyond the longest row
+    assert deleted_at[0] != deleted_at[1] and deleted_at[0] and deleted_at[1]
+
+
 @pytest.mark.parametrize("preset", ["elastic-cache"])
 def test_preset_generates_on_smollm2(smollm2, smol_passage, preset):
     model, tok = smollm2
@@ -226,7 +321,8 @@ def test_preset_generates_on_smollm2(smollm2, smol_passage, preset):
     assert len(text.strip()) > 0
 
 
-@pytest.mark.parametrize(("preset", "model"), [("elastic-cache", True), ("elastic-cache-compat", False)])
+@pytest.mark.parametrize(("preset", "model"), [("elastic-cache", True), ("elastic-cache-compat", False),
+                                               ("elastic-cache-mass", False), ("elastic-cache-vonly", True)])
 def test_presets_keep_the_invariants(preset, model):
     """kvpolicy.testing: shapes, pads, order, determinism, batch independence, GQA = MHA, budget >= length is
     the identity; the bucket merge is convex and the identity on equal vectors."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.errors import BudgetWarning
 from kvpolicy.integrate import sdpa
 from kvpolicy.policy import CompressionContext, LayerBudget, Selection
 from kvpolicy_kvmerger import KVMergerGaussian, KVMergerSets, MergeSets, adjacent_cosine
@@ -15,11 +16,12 @@ from kvpolicy_kvmerger import KVMergerGaussian, KVMergerSets, MergeSets, adjacen
 from conftest import make_tiny_llama
 
 
-def _ctx(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None, total: int = 1,
+def _ctx(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None, total: int | None = None,
          sink: int = 0, layer_idx: int = 0, n_layers: int = 1) -> CompressionContext:
     b, h, s, _ = keys.shape
     valid = torch.ones(b, s, dtype=torch.bool) if valid is None else valid
     seen = valid.sum(-1).long()
+    total = s if total is None else total  # default: no budget pressure (fixed mode would warn above it)
     budget = LayerBudget(total=torch.minimum(torch.full((b,), total), seen), sink=sink,
                          recent=torch.zeros(b, dtype=torch.long), ratio=None, seen=seen)
     return CompressionContext(layer_idx=layer_idx, n_layers=n_layers, phase="prefill", keys=keys, values=values,
@@ -78,19 +80,77 @@ def test_fixed_threshold_sets_protection_and_ties():
     assert sets.indices.tolist() == [[[0, 1, 2, 3, 4, 5, 7]]]
 
 
-@pytest.mark.parametrize(("total", "expected", "over"), [
+@pytest.mark.parametrize(("total", "expected", "shrunk"), [
     (5, [[1, 3, 4, 5, 7]], 0),   # 3 joins: the three most similar pairs = the fixed-threshold sets
     (4, [[3, 4, 5, 7]], 0),      # 4 joins: 2-3 (cos .342) joins too -> {0,1,2,3} pivot 3 (score 0.5)
-    (3, [[3, 4, 5, 7]], 1),      # 5 joins needed, 4 joinable: the budget is missed by one, reported
+    # 2 protected + 2 runs > 3: the protected shares shrink (recent 1 -> 0, heavy 1 -> 0), one run of 8
+    # entries, its 5 most similar pairs merged: {0,1,2} pivot 1, {3,4} pivot 4, {5,6,7} pivot 5 (tie -> 5).
+    # Before issue 12 the layer kept 4 entries (over budget by one, only a figure said so).
+    (3, [[1, 4, 5]], 1),
 ])
-def test_exact_budget_merges_the_most_similar_pairs(total, expected, over):
+def test_exact_budget_merges_the_most_similar_pairs(total, expected, shrunk):
     keys = _angles(SIX).view(1, 1, 8, 2)
     ctx = _ctx(keys, keys.clone(), total=total)
     scores = torch.tensor(SIX_SCORES).view(1, 1, 8)
     sets = KVMergerSets(mode="exact", recent=0.125, heavy=0.125).select(ctx, scores, None)
     assert sets.indices.tolist() == [expected]
-    assert ctx.figures["over_budget"] == over
-    assert int(sets.kept.sum()) == max(total, 4)
+    assert ctx.figures["over_budget"] == 0 and ctx.figures["protection_shrunk"] == shrunk
+    assert int(sets.kept.sum()) == total
+
+
+def test_capped_mode_is_the_threshold_within_the_budget_and_fixed_mode_warns():
+    """Issue 12 (b): the fixed threshold decided the size whatever the budget (84 % of a 1500-token prompt at
+    budget 0.2, without a word). ``capped`` (the ``kvmerger`` preset) keeps the threshold's sets when they fit
+    and merges the next most similar pairs when they do not; ``fixed`` (the literal paper) warns."""
+    keys = _angles(SIX).view(1, 1, 8, 2)
+    scores = torch.tensor(SIX_SCORES).view(1, 1, 8)
+    fixed = KVMergerSets(similarity=0.75, recent=0.125, heavy=0.125, mode="fixed").select(_ctx(keys, keys), scores,
+                                                                                          None)
+    capped = KVMergerSets(similarity=0.75, recent=0.125, heavy=0.125, mode="capped")
+    loose = capped.select(_ctx(keys, keys, total=6), scores, None)
+    assert torch.equal(loose.indices, fixed.indices) and loose.indices.tolist() == [[[1, 3, 4, 5, 7]]]
+    ctx = _ctx(keys, keys, total=4)
+    tight = capped.select(ctx, scores, None)
+    exact = KVMergerSets(similarity=0.75, recent=0.125, heavy=0.125, mode="exact").select(_ctx(keys, keys, total=4),
+                                                                                          scores, None)
+    assert torch.equal(tight.indices, exact.indices) and tight.indices.tolist() == [[[3, 4, 5, 7]]]
+    assert ctx.figures["over_budget"] == 0
+    ctx = _ctx(keys, keys, total=4)
+    with pytest.warns(BudgetWarning, match=r"mode fixed.*more than the budget \(4 tokens\).*'kvmerger-exact'"):
+        KVMergerSets(recent=0.125, heavy=0.125, mode="fixed").select(ctx, scores, None)
+    assert ctx.figures["over_budget"] == 1  # 5 entries for a budget of 4, said in the figures and the warning
+    ctx = _ctx(keys, keys, total=2, sink=2)  # 2 sinks fill the budget: the other entries need one more slot
+    with pytest.warns(BudgetWarning, match=r"mode exact\) cannot meet the budget"):
+        KVMergerSets(recent=0.0, heavy=0.0, mode="exact").select(ctx, scores, None)
+    assert ctx.figures["over_budget"] == 1
+
+
+@pytest.mark.parametrize(("preset", "budget", "want"), [
+    ("kvmerger-exact", 0.05, 15), ("kvmerger-exact", 3, 3),  # 8 % + 2 % of 300 = 30 protected entries
+    ("kvmerger", 0.2, 60), ("kvmerger", 0.05, 15),  # 17 % + 12 % = 87 protected; random keys: no cosine > 0.75
+])
+def test_presets_meet_budgets_their_protected_shares_do_not_fit(preset, budget, want):
+    """Issue 12 (b, c): the protected shares shrink (one factor for both, the budget's own recent window
+    kept) so that every layer holds exactly the budget; before, kvmerger-exact kept its 30 protected entries
+    plus the sets (over budget, reported only in a figure) and kvmerger kept what its threshold gave."""
+    model = make_tiny_llama(layers=2, heads=4, kv_heads=2, seed=3)
+    ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), kvpolicy.compress(model, preset, budget=budget) as cache:
+        model(input_ids=ids, cache=cache)
+    for layer in cache.layers:
+        figures = layer.events[0].figures
+        assert layer.physical_length == want and int(layer.valid.sum()) == want * layer.valid.shape[1]
+        assert figures["over_budget"] == 0 and figures["protection_shrunk"] == 1 and figures["protected"] < want
+
+
+def test_the_literal_paper_preset_warns_when_its_threshold_exceeds_the_budget():
+    """Issue 12 (b): ``kvmerger-paper`` (mode fixed) keeps what its threshold gives, and says so."""
+    model = make_tiny_llama(layers=2, heads=4, kv_heads=2, seed=3)
+    ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(8))
+    with pytest.warns(BudgetWarning, match=r"mode fixed, similarity 0\.75.*budget \(ratio 0\.2\).*'kvmerger-exact'"):
+        with torch.no_grad(), kvpolicy.compress(model, "kvmerger-paper", budget=0.2) as cache:
+            model(input_ids=ids, cache=cache)
+    assert all(layer.physical_length > 60 and layer.events[0].figures["over_budget"] > 0 for layer in cache.layers)
 
 
 def test_gqa_per_head_pivots_and_left_padded_batch():
@@ -237,18 +297,23 @@ def test_preset_generates_on_smollm2(smollm2, smol_passage, preset):
     entries = [r.entries for r in rep.layers]
     prefill = [layer.events[0].figures["entries"] for layer in cache.layers]
     assert entries == [int(e) + 31 for e in prefill]  # no decode-time merging: one entry per new token
-    if preset == "kvmerger-exact":
-        assert entries == [300 + 31] * 30  # int(0.2 * 1500) per layer, exactly
-    else:
-        # 255 recent + 180 heavy hitters protected; the 0.75 threshold decides the rest, layer by layer
-        assert all(layer.events[0].figures["protected"] == 435 for layer in cache.layers)
-        assert all(435 < e < 1500 for e in prefill)
-        assert len(set(entries)) > 1  # layers end with different physical lengths
+    # int(0.2 * 1500) per layer, exactly: kvmerger's 0.75 threshold alone would keep about 84 % (issue 12)
+    assert entries == [300 + 31] * 30
+    if preset == "kvmerger":  # 255 recent + 180 heavy hitters do not fit 300 entries: the shares shrink
+        assert all(layer.events[0].figures["protection_shrunk"] == 1 for layer in cache.layers)
+        assert all(layer.events[0].figures["protected"] < 300 for layer in cache.layers)
+        # under a budget the threshold fits, the 0.75 threshold decides the size, layer by layer
+        with torch.no_grad(), kvpolicy.compress(model, preset, budget=0.95) as loose:
+            model(input_ids=smol_passage, cache=loose)
+        prefill = [layer.events[0].figures["entries"] for layer in loose.layers]
+        assert all(layer.events[0].figures["protected"] == 435 for layer in loose.layers)
+        assert all(435 < e <= 1425 for e in prefill) and len(set(prefill)) > 1
     text = tok.decode(out[0, t:], skip_special_tokens=True)
     assert len(text.strip()) > 0
 
 
-@pytest.mark.parametrize(("preset", "model"), [("kvmerger", True), ("kvmerger-exact", False)])
+@pytest.mark.parametrize(("preset", "model"), [("kvmerger", True), ("kvmerger-paper", False),
+                                               ("kvmerger-exact", False), ("kvmerger-exact-paper", False)])
 def test_presets_keep_the_invariants(preset, model):
     """kvpolicy.testing: shapes, pads never kept nor merged, order, determinism, batch independence, GQA = MHA,
     budget >= length is the identity."""

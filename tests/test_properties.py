@@ -15,8 +15,8 @@ from hypothesis import Phase, settings
 
 import kvpolicy
 from kvpolicy import testing as kit
-from kvpolicy.errors import ConfigError
-from kvpolicy.policy import CompressionContext, Merged, Merger, Selection, Selector, gather_kept
+from kvpolicy.errors import ConfigError, StepOutputError
+from kvpolicy.policy import CompressionContext, Merged, Merger, Scorer, Selection, Selector, gather_kept
 from kvpolicy.registry import KINDS, get_registry, register_plugin, unregister_plugin
 
 _REG = get_registry()
@@ -101,10 +101,60 @@ class _NaNMerger(Merger):
         return Merged(keys=k, values=(v.float() / k.float().norm(dim=-1, keepdim=True)).to(v.dtype))
 
 
+class _NaNScorer(Scorer):
+    """Key norms, but NaN for every other entry (a bug)."""
+
+    name: ClassVar[str] = "test-nan-score"
+
+    def score(self, ctx: CompressionContext) -> torch.Tensor:
+        sc = ctx.key_norms().clone()
+        sc[..., ::2] = float("nan")
+        return sc
+
+
+class _WrongShapeScorer(Scorer):
+    """Returns one score per (row, head) instead of one per entry."""
+
+    name: ClassVar[str] = "test-wrong-shape"
+
+    def score(self, ctx: CompressionContext) -> torch.Tensor:
+        return ctx.key_norms().sum(-1, keepdim=True)
+
+
+class _HalfMerger(Merger):
+    """Gathers the kept entries but returns them in bf16 whatever the cache dtype."""
+
+    name: ClassVar[str] = "test-bf16-merge"
+
+    def merge(self, ctx: CompressionContext, selection: Selection, scores: torch.Tensor) -> Merged:
+        k, v = gather_kept(ctx, selection)
+        return Merged(keys=k.bfloat16(), values=v.bfloat16())
+
+
+class _PaddingSensitiveScorer(Scorer):
+    """Scores by physical slot: a left-padded row ranks its entries differently than alone."""
+
+    name: ClassVar[str] = "test-slot-score"
+
+    def score(self, ctx: CompressionContext) -> torch.Tensor:
+        b, h, s = ctx.shape
+        return (torch.arange(s) % 3).float().expand(b, 1, s)
+
+
+class _ValueNormScorer(Scorer):
+    """A correct scorer that reads the values (their norm): merges after it must still pass "convex"."""
+
+    name: ClassVar[str] = "test-value-norm"
+
+    def score(self, ctx: CompressionContext) -> torch.Tensor:
+        return ctx.values.float().norm(dim=-1)
+
+
 class _BrokenPlugin:
     @kvpolicy.hookimpl
     def kvpolicy_components(self) -> list[type]:
-        return [_MutatingMerger, _PadKeepingSelector, _OverPromisingMerger, _NaNMerger]
+        return [_MutatingMerger, _PadKeepingSelector, _OverPromisingMerger, _NaNMerger, _NaNScorer,
+                _WrongShapeScorer, _HalfMerger, _PaddingSensitiveScorer, _ValueNormScorer]
 
 
 @pytest.fixture
@@ -118,10 +168,33 @@ def broken():
     ("merger", "test-mutating", r"\[inputs not mutated\]"),
     ("selector", "test-keeps-pads", r"\[pads never kept\]"),
     ("merger", "test-overpromising", r"\[gather\]"),
+    ("scorer", "test-nan-score", r"\[finite\](.|\n)*scorer 'test-nan-score' \(plugin 'test-broken-components'"),
+    ("scorer", "test-wrong-shape", r"\[shape\](.|\n)*returned scores of shape \[\d, \d, 1\]"),
+    ("merger", "test-bf16-merge", r"\[dtype/device\](.|\n)*keys in torch.bfloat16"),
+    ("scorer", "test-slot-score", r"\[batch independence\]"),
 ])
 def test_the_kit_catches_broken_components(broken, kind, name, prop):
     with pytest.raises(kit.InvariantError, match=prop):
         kit.check_component(kind, name, model=False, hypothesis_settings=NO_SHRINK)
+
+
+@pytest.mark.parametrize("component, pattern", [
+    ({"scorer": "test-nan-score"}, r"scorer 'test-nan-score' \(plugin 'test-broken-components', distribution "
+                                   r"'\(registered at run time\)'\) returned NaN scores for \d+ valid entries"),
+    ({"scorer": "test-wrong-shape"}, r"returned scores of shape \[2, 2, 1\] for layer 0 \(prefill\); allowed: "
+                                     r"a tensor of shape \[B=2, Hkv=2 or 1, S=40\]"),
+    ({"merger": "test-bf16-merge"}, r"merger 'test-bf16-merge' .* returned keys in torch.bfloat16 on cpu .*allowed: "
+                                    r".*in torch.float32"),
+])
+def test_bad_step_outputs_are_refused_where_they_happen(broken, component, pattern):
+    """The cache checks every step's output: a clear error naming the component and its plugin, raised in
+    the prefill (not a torch broadcast error in top-k, garbage tokens, or a failure in SDPA later)."""
+    model = kit.tiny_model()
+    ids, mask, _ = kit._prompt(40)
+    policy = kvpolicy.load_policy({"budget": 0.5, "scorer": "knorm", **component})
+    with torch.no_grad(), kvpolicy.compress(model, policy) as cache:
+        with pytest.raises(StepOutputError, match=pattern):
+            model(input_ids=ids, attention_mask=mask, cache=cache)
 
 
 def test_the_kit_finds_nan_with_zero_norm_keys(broken):
@@ -160,3 +233,21 @@ def test_component_config_uses_a_companion_preset_when_one_exists():
     assert cfg["scorer"] == {"name": "knorm"} and cfg["selector"] == {"name": "topk"}
     with pytest.raises(ConfigError, match="unknown component kind 'scorers'"):
         kit.component_config("scorers", "knorm")
+
+
+def test_window_scorers_with_windows_shorter_than_the_kit_cases():
+    """The presets' 32-query windows cover the kit's short sequences; a small window exercises the pooling
+    (today's SnapKV pooled pads with the first valid entries, which this check caught)."""
+    kit.check_policy({"budget": {"ratio": 0.5, "sink": 0}, "scorer": {"name": "snapkv", "window": 4, "kernel": 5}},
+                     model=False)
+    kit.check_policy({"budget": {"ratio": 0.5, "sink": 0}, "layers": {"name": "pyramid", "window": 2},
+                      "scorer": {"name": "snapkv", "window": 3, "kernel": 3, "pooling": "max"}}, model=False)
+
+
+@pytest.mark.parametrize("merger", ["averaged", "pivotal", "elastic-bucket"])
+def test_convex_mergers_pass_after_a_scorer_that_reads_the_values(broken, merger):
+    """The convex check reruns the merger alone on other values with the same selection: a value-reading
+    scorer used to move filler slots between the two runs and fail correct mergers."""
+    kit.check_policy({"budget": {"ratio": 0.5, "sink": 1, "recent": 0.25}, "scorer": "test-value-norm",
+                      "selector": "lookm-topk", "merger": merger}, model=False,
+                     hypothesis_settings=settings(kit.profile("ci"), max_examples=60))

@@ -64,24 +64,6 @@ def test_entry_point_plugin_from_a_distribution_is_registered_with_its_distribut
     assert ("scorer", "knorm") in reg.components  # the built-ins still load
 
 
-def test_two_plugins_registering_the_same_name_is_an_error_naming_both_distributions(site):
-    make_dist(site, "kvp-test-alpha", "kvp_test_alpha", SCORER_PLUGIN.format(name="dup-scorer"))
-    make_dist(site, "kvp-test-beta", "kvp_test_beta", SCORER_PLUGIN.format(name="dup-scorer"))
-    importlib.invalidate_caches()
-    with pytest.raises(PluginError) as err:
-        registry.build_registry()
-    msg = str(err.value)
-    assert "scorer 'dup-scorer' is registered twice" in msg
-    assert "'kvp-test-alpha'" in msg and "'kvp-test-beta'" in msg
-
-
-def test_conflict_with_a_builtin_names_kvpolicy_and_the_plugin(site):
-    make_dist(site, "kvp-test-clash", "kvp_test_clash", SCORER_PLUGIN.format(name="knorm"))
-    importlib.invalidate_caches()
-    with pytest.raises(PluginError, match=r"scorer 'knorm' is registered twice.*'kvpolicy'.*'kvp-test-clash'"):
-        registry.build_registry()
-
-
 def test_failing_plugin_warns_with_distribution_and_error_and_others_load(site, monkeypatch):
     make_dist(site, "kvp-test-broken", "kvp_test_broken", "raise ImportError('needs libfoo 9')\n")
     make_dist(site, "kvp-test-ok", "kvp_test_ok", SCORER_PLUGIN.format(name="still-here"))
@@ -168,12 +150,169 @@ def test_register_plugin_at_run_time_and_conflicts():
         assert policy.scorer.name == "test-first-half"
         with pytest.raises(PluginError, match="already registered as 'test-runtime'"):
             registry.register_plugin(_RuntimePlugin(), "test-runtime")
-        with pytest.raises(PluginError, match=r"scorer 'test-first-half' is registered twice"):
+        with pytest.warns(RuntimeWarning, match=r"'test-runtime-2' .* refused: scorer 'test-first-half' is "
+                                                r"already registered by plugin 'test-runtime'"):
             registry.register_plugin(_RuntimePlugin(), "test-runtime-2")
-        assert ("scorer", "test-first-half") in registry.get_registry().components  # the failed one was undone
+        hit = registry.get_registry().components[("scorer", "test-first-half")]
+        assert hit.plugin == "test-runtime" and "test-runtime-2" in registry.get_registry().failed
     finally:
+        registry.unregister_plugin("test-runtime-2")
         registry.unregister_plugin("test-runtime")
     assert ("scorer", "test-first-half") not in registry.get_registry().components
+
+
+TWO_SCORERS_PLUGIN = """
+    from typing import ClassVar
+    import kvpolicy
+
+    class Ones(kvpolicy.Scorer):
+        '''every entry scores one'''
+        name: ClassVar[str] = "{clash}"
+
+        def score(self, ctx):
+            return ctx.valid.float()
+
+    class Mine(Ones):
+        '''a name nobody else has'''
+        name: ClassVar[str] = "{own}"
+
+    @kvpolicy.hookimpl
+    def kvpolicy_components():
+        return [Ones, Mine]
+
+    @kvpolicy.hookimpl
+    def kvpolicy_presets():
+        return [kvpolicy.Preset("{own}-preset", {{"budget": 0.2, "scorer": "{own}"}})]
+"""
+
+
+def _refusal(rec: pytest.WarningsRecorder) -> str:
+    msgs = [str(w.message) for w in rec if "refused" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    return msgs[0]
+
+
+def test_two_plugins_registering_the_same_name_the_first_by_entry_point_name_wins(site, monkeypatch):
+    monkeypatch.delenv("KVPOLICY_STRICT_PLUGINS", raising=False)
+    make_dist(site, "kvp-test-beta", "kvp_test_beta", TWO_SCORERS_PLUGIN.format(clash="dup-scorer", own="beta-own"))
+    make_dist(site, "kvp-test-alpha", "kvp_test_alpha", SCORER_PLUGIN.format(name="dup-scorer"))
+    importlib.invalidate_caches()
+    with pytest.warns(RuntimeWarning) as rec:
+        reg = registry.build_registry()
+    msg = _refusal(rec)
+    assert msg.startswith("kvpolicy plugin 'kvp_test_beta' from distribution 'kvp-test-beta' refused: scorer "
+                          "'dup-scorer' is already registered by plugin 'kvp_test_alpha' (distribution "
+                          "'kvp-test-alpha'); none of its components or presets are registered")
+    assert reg.components[("scorer", "dup-scorer")].plugin == "kvp_test_alpha"
+    # the whole contribution of the refused plugin is dropped, and it is listed as failed
+    assert ("scorer", "beta-own") not in reg.components and "beta-own-preset" not in reg.presets
+    assert reg.failed == {"kvp_test_beta": msg} and "kvp_test_beta" not in reg.plugins
+    assert ("scorer", "knorm") in reg.components and "snapkv" in reg.presets
+    with pytest.raises(PluginError, match=r"'kvp_test_beta' from distribution 'kvp-test-beta' refused: .*"
+                                          r"'kvp_test_alpha' \(distribution 'kvp-test-alpha'\).*strict mode"):
+        registry.build_registry(strict=True)
+
+
+def test_conflict_with_a_builtin_the_builtin_wins_and_the_rest_keeps_working(site, monkeypatch, capsys):
+    monkeypatch.delenv("KVPOLICY_STRICT_PLUGINS", raising=False)
+    # "aaa_clash" sorts before every built-in entry point: the built-ins still win
+    make_dist(site, "kvp-test-clash", "kvp_test_clash", TWO_SCORERS_PLUGIN.format(clash="knorm", own="clash-own"),
+              ep_name="aaa_clash")
+    make_dist(site, "kvp-test-ok", "kvp_test_ok", SCORER_PLUGIN.format(name="still-here"))
+    importlib.invalidate_caches()
+    try:
+        with pytest.warns(RuntimeWarning) as rec:
+            reg = registry.reload()
+        msg = _refusal(rec)
+        assert ("'aaa_clash' from distribution 'kvp-test-clash' refused: scorer 'knorm' is already registered by "
+                "plugin 'baselines' (distribution 'kvpolicy')") in msg
+        assert reg.components[("scorer", "knorm")].plugin == "baselines"
+        assert ("scorer", "clash-own") not in reg.components and ("scorer", "still-here") in reg.components
+        assert kvpolicy.load_policy("h2o").scorer.name == "accumulated-attention"
+        assert main(["plugins"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert any(r.split()[:3] == ["scorer", "knorm", "baselines"] for r in out)
+        assert f"FAILED aaa_clash: {msg}" in out
+        with pytest.raises(PluginError, match="'aaa_clash' from distribution 'kvp-test-clash' refused"):
+            registry.build_registry(strict=True)
+    finally:
+        monkeypatch.undo()  # the temporary distributions leave sys.path before the process-wide reload
+        importlib.invalidate_caches()
+        registry.reload()
+    assert "aaa_clash" not in registry.get_registry().failed
+
+
+def test_two_entry_points_with_the_same_name_the_builtin_or_the_first_wins(site, monkeypatch):
+    monkeypatch.delenv("KVPOLICY_STRICT_PLUGINS", raising=False)
+    make_dist(site, "kvp-test-twin-a", "kvp_test_twin_a", SCORER_PLUGIN.format(name="twin-a"), ep_name="twin")
+    make_dist(site, "kvp-test-twin-b", "kvp_test_twin_b", SCORER_PLUGIN.format(name="twin-b"), ep_name="twin")
+    make_dist(site, "kvp-test-fake", "kvp_test_fake", SCORER_PLUGIN.format(name="fake-lookm"), ep_name="lookm")
+    importlib.invalidate_caches()
+    with pytest.warns(RuntimeWarning) as rec:
+        reg = registry.build_registry()
+    text = " | ".join(str(w.message) for w in rec)
+    assert ("'lookm' from distribution 'kvp-test-fake' refused: another kvpolicy plugin named 'lookm' "
+            "(distribution 'kvpolicy') is already loaded") in text
+    assert reg.plugins["lookm"][0] == "kvpolicy" and ("merger", "pivotal") in reg.components
+    assert ("scorer", "fake-lookm") not in reg.components
+    (winner,) = [n for n in ("twin-a", "twin-b") if ("scorer", n) in reg.components]  # exactly one of the twins
+    loser = "twin-b" if winner == "twin-a" else "twin-a"
+    assert reg.plugins["twin"][0] == f"kvp-test-{winner}"
+    assert (f"'twin' from distribution 'kvp-test-{loser}' refused: another kvpolicy plugin named 'twin' "
+            f"(distribution 'kvp-test-{winner}') is already loaded") in text
+    with pytest.raises(PluginError, match="another kvpolicy plugin named"):
+        registry.build_registry(strict=True)
+
+
+class _Clashing:
+    """A run-time plugin whose preset ``h2o`` clashes with the built-in, with a scorer of its own."""
+
+    @kvpolicy.hookimpl
+    def kvpolicy_components(self) -> list[type]:
+        return [_Half]
+
+    @kvpolicy.hookimpl
+    def kvpolicy_presets(self) -> list[registry.Preset]:
+        return [registry.Preset("h2o", {"budget": 0.9, "scorer": "test-first-half"}, "not H2O")]
+
+
+def test_run_time_plugin_clashing_with_a_builtin_preset_is_refused(monkeypatch):
+    monkeypatch.delenv("KVPOLICY_STRICT_PLUGINS", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"kvpolicy plugin 'test-clash' from distribution '\(registered at run "
+                                            r"time\)' refused: preset 'h2o' is already registered by plugin "
+                                            r"'baselines' \(distribution 'kvpolicy'\)"):
+        registry.register_plugin(_Clashing(), "test-clash")
+    try:
+        reg = registry.get_registry()
+        assert "test-clash" in reg.failed and "test-clash" not in reg.plugins
+        assert ("scorer", "test-first-half") not in reg.components  # its whole contribution is dropped
+        h2o = kvpolicy.load_policy("h2o")
+        assert (h2o.scorer.name, h2o.budget.ratio) == ("accumulated-attention", 0.2)  # the built-in
+    finally:
+        registry.unregister_plugin("test-clash")
+    assert "test-clash" not in registry.get_registry().failed
+    monkeypatch.setenv("KVPOLICY_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="'test-clash' .* refused: preset 'h2o'"):
+        registry.register_plugin(_Clashing(), "test-clash")
+    assert registry._extra == [] and "test-clash" not in registry.get_registry().failed  # not kept
+
+
+def test_extra_plugins_clashing_with_each_other_the_first_wins(monkeypatch):
+    monkeypatch.delenv("KVPOLICY_STRICT_PLUGINS", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"'second' from distribution '\(registered at run time\)' refused: "
+                                            r"scorer 'test-first-half' is already registered by plugin 'first'"):
+        reg = registry.build_registry(extra_plugins=[("first", _RuntimePlugin()), ("second", _Clashing())])
+    assert reg.components[("scorer", "test-first-half")].plugin == "first"
+    assert reg.presets["h2o"].plugin == "baselines" and set(reg.failed) == {"second"}
+
+
+def test_the_same_plugin_object_under_two_names_is_a_load_failure(monkeypatch):
+    monkeypatch.delenv("KVPOLICY_STRICT_PLUGINS", raising=False)
+    plugin = _RuntimePlugin()
+    with pytest.warns(RuntimeWarning, match=r"'twice' from distribution '\(registered at run time\)' cannot be "
+                                            r"registered: ValueError"):
+        reg = registry.build_registry(extra_plugins=[("once", plugin), ("twice", plugin)])
+    assert reg.components[("scorer", "test-first-half")].plugin == "once" and set(reg.failed) == {"twice"}
 
 
 def test_unknown_name_suggests_close_matches():
@@ -186,17 +325,38 @@ def test_unknown_name_suggests_close_matches():
         reg.component("scorers", "knorm")
 
 
-def test_cli_plugins_lists_kind_name_distribution_version_description(capsys):
+def test_cli_plugins_lists_kind_name_plugin_distribution_version_description(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     header, *rows = out.splitlines()
-    assert header.split() == ["kind", "name", "distribution", "description"]
+    assert header.split() == ["kind", "name", "plugin", "distribution", "description"]
     knorm = next(r for r in rows if r.split()[:2] == ["scorer", "knorm"])
-    assert "kvpolicy 0.1.0" in knorm and "KnormPress: keep the keys of smallest L2 norm." in knorm
-    assert any(r.split()[:2] == ["preset", "snapkv"] for r in rows)
+    assert knorm.split()[2:5] == ["baselines", "kvpolicy", "0.1.0"]  # plugin: what KVPOLICY_DISABLE_PLUGINS takes
+    assert "KnormPress: keep the keys of smallest L2 norm." in knorm
+    assert any(r.split()[:3] == ["preset", "snapkv", "baselines"] for r in rows)
+    assert not any(r.startswith(("FAILED", "DISABLED")) for r in rows)  # nothing failed: the table only
     assert main(["plugins", "--json"]) == 0
     import json
 
     data = json.loads(capsys.readouterr().out)
-    assert {"kind": "merger", "name": "none", "distribution": "kvpolicy 0.1.0",
+    assert {"kind": "merger", "name": "none", "plugin": "baselines", "distribution": "kvpolicy 0.1.0",
             "description": "Evict: keep the selected entries unchanged, drop the others."} in data
+
+
+def test_cli_plugins_prints_failed_and_disabled_plugins_on_stdout(capsys, monkeypatch):
+    monkeypatch.delenv("KVPOLICY_STRICT_PLUGINS", raising=False)
+    with pytest.warns(RuntimeWarning, match="'test-clash' .* refused"):
+        registry.register_plugin(_Clashing(), "test-clash")
+        registry.disable_plugin("lookm")  # reloads: the refusal is warned again
+    try:
+        assert main(["plugins"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert "FAILED test-clash: " + registry.get_registry().failed["test-clash"] in out
+        assert "DISABLED lookm (distribution kvpolicy)" in out
+        assert main(["plugins", "--json"]) == 0
+        captured = capsys.readouterr()
+        assert "FAILED test-clash: " in captured.err and "DISABLED lookm" in captured.err
+        assert "test-clash" not in captured.out  # stdout stays one JSON document
+    finally:
+        registry.unregister_plugin("test-clash")
+        registry.enable_plugin("lookm")

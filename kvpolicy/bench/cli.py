@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from kvpolicy.bench.runner import ALL_METRICS, DEFAULT_POLICIES, BenchConfig
@@ -50,7 +51,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except ValueError as err:
-        print(f"error: {err}")
+        print(f"kvpolicy: error: {err}", file=sys.stderr)
         return 2
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -131,10 +131,15 @@ def replay(cache: KVPolicyCache, prefill: dict[int, tuple[Tensor, Tensor, Tensor
     """
     q_len = prefill[0][0].shape[2]
     cache.begin_forward(q_len, None, None)
-    for layer_idx in range(len(cache.layers)):
-        keys, values, query, scaling = prefill[layer_idx]
-        cache.update(keys, values, layer_idx)
-        cache.after_attention(layer_idx, query, scaling)
+    was = getattr(cache, "in_forward", False)
+    cache.in_forward = True  # what the model hooks of kvpolicy.compress() set around a forward
+    try:
+        for layer_idx in range(len(cache.layers)):
+            keys, values, query, scaling = prefill[layer_idx]
+            cache.update(keys, values, layer_idx)
+            cache.after_attention(layer_idx, query, scaling)
+    finally:
+        cache.in_forward = was
 
 
 def kept_positions(cache: KVPolicyCache, n_ctx: int) -> list[Tensor]:

@@ -118,6 +118,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from kvpolicy import models
     from kvpolicy.bench.runner import policy_for
+    from kvpolicy.compat import cache_kwargs  # for the plain DynamicCache: the model's own keyword
     from kvpolicy.integrate import compress
 
     torch.set_grad_enabled(False)
@@ -141,14 +142,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             before = rss_bytes()
             with torch.inference_mode(), PeakSampler() as sampler:
                 t0, c0 = time.perf_counter(), time.process_time()
-                model(input_ids=x, cache=cache, logits_to_keep=1)
+                model(input_ids=x, logits_to_keep=1, **cache_kwargs(model, cache))
                 prefill_s, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
             times = []
             c0 = time.process_time()
             with torch.inference_mode():
                 for t in follow:
                     t0 = time.perf_counter()
-                    model(input_ids=torch.tensor([[t]]), cache=cache, logits_to_keep=1)
+                    model(input_ids=torch.tensor([[t]]), logits_to_keep=1, **cache_kwargs(model, cache))
                     times.append(time.perf_counter() - t0)
             n = max(1, len(times))
             out = {"prefill_s": prefill_s, "prefill_cpu_s": prefill_cpu,

@@ -44,8 +44,12 @@ WINDOW_FLOOR = float(2**23)  # SnapKV window scores: above any pooled vote, belo
 class SnapKV(Scorer):
     """SnapKV: observation-window attention, pooled over neighbouring positions; window kept.
 
-    Window entries score above every prefix entry, ordered by recency, so a budget smaller than the
-    window keeps its most recent entries.
+    Pooling rule (SnapKV's code and kvpress): only the votes of the prefix (the valid entries before the
+    window) are pooled; the window's own votes and padding count as zero, and a kernel truncated at either
+    edge of the prefix is still divided by the full kernel size (``count_include_pad``). So the sequence
+    start and a left-padded start pool alike: a row alone and the same row left-padded in a batch get the
+    same scores. Window entries score above every prefix entry, ordered by recency, so a budget smaller
+    than the window keeps its most recent entries.
     """
 
     name: ClassVar[str] = "snapkv"
@@ -57,15 +61,16 @@ class SnapKV(Scorer):
     def score(self, ctx: CompressionContext) -> Tensor:
         votes = ctx.window_attention(self.window)  # [B, Hkv, S]
         b, h, s = votes.shape
-        flat = votes.reshape(b * h, 1, s)
+        rank, count = ops.valid_rank(ctx.valid)
+        in_window = ctx.valid & (rank >= count.unsqueeze(-1) - self.window)
+        prefix_votes = torch.where(ctx.valid & ~in_window, votes, 0.0)  # votes >= 0: zeros pool as padding
+        flat = prefix_votes.reshape(b * h, 1, s)
         k = self.kernel if self.kernel % 2 == 1 else self.kernel + 1
         if self.pooling == "avg":
-            pooled = F.avg_pool1d(flat, k, stride=1, padding=k // 2, count_include_pad=False)
+            pooled = F.avg_pool1d(flat, k, stride=1, padding=k // 2, count_include_pad=True)
         else:
             pooled = F.max_pool1d(flat, k, stride=1, padding=k // 2)
         scores = pooled.reshape(b, h, s)
-        rank, count = ops.valid_rank(ctx.valid)
-        in_window = ctx.valid & (rank >= count.unsqueeze(-1) - self.window)
         # pooled votes are at most `window`; 2**23 + rank is exact in fp32 for ranks below 2**23
         return torch.where(in_window, WINDOW_FLOOR + rank.float(), scores)
 
@@ -100,7 +105,11 @@ class Recency(Scorer):
 
 
 class RandomScore(Scorer):
-    """Uniformly random order, seeded per layer (shared by all heads unless per_head)."""
+    """Uniformly random order, seeded per layer (shared by all heads unless per_head).
+
+    The i-th valid entry of a row gets the i-th draw of the layer's (and head's) generator, so the order
+    does not depend on the batch or on left padding.
+    """
 
     name: ClassVar[str] = "random"
     seed: int = 0
@@ -108,6 +117,9 @@ class RandomScore(Scorer):
 
     def score(self, ctx: CompressionContext) -> Tensor:
         b, h, s = ctx.shape
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 100003 + ctx.layer_idx)
-        # one draw per (head, slot), shared by the rows: a row's order does not depend on its batch
-        return torch.rand(1, h if self.per_head else 1, s, generator=gen).expand(b, -1, -1).to(ctx.keys.device)
+        heads = h if self.per_head else 1
+        base = self.seed * 100003 + ctx.layer_idx
+        draws = torch.stack([torch.rand(s, generator=torch.Generator(device="cpu").manual_seed(base + 7919 * j))
+                             for j in range(heads)])  # [heads, S]; a prefix of a longer draw is the same
+        rank, _ = ops.valid_rank(ctx.valid[:, :heads])
+        return draws.to(ctx.keys.device).expand(b, heads, s).gather(-1, rank.clamp_min(0))

@@ -84,7 +84,10 @@ class Pyramid(LayerSchedule):
     """PyramidKV: budgets decrease linearly with depth, same total as uniform.
 
     With observation window ``w`` (capped at the budget) and average selectable budget ``m = B - w``:
-    ``min = m / beta``, ``max = 2m - min``, ``B_l = w + max - l (max - min) / (N - 1)``.
+    ``min = m / beta``, ``max = 2m - min``, ``B_l = w + max - l (max - min) / (N - 1)``. When ``max`` would
+    exceed what a layer can select (``L - w`` for a prompt of ``L`` tokens), it is capped there and
+    ``min = 2m - max`` (PyramidKV's code): the schedule stays linear with the same mean. The policy then
+    rounds so the layers keep exactly ``N`` times the uniform budget (:func:`kvpolicy.policy.fit_total`).
     """
 
     name: ClassVar[str] = "pyramid"
@@ -92,11 +95,16 @@ class Pyramid(LayerSchedule):
     beta: float = Field(default=20.0, gt=1.0, description="ratio between the largest and smallest share")
     window: int = Field(default=32, ge=0, description="observation window kept by every layer")
 
-    def layer_total(self, avg_total: Tensor, recent: Tensor, layer_idx: int, n_layers: int) -> Tensor:
+    def layer_total(self, avg_total: Tensor, recent: Tensor, layer_idx: int, n_layers: int, *,
+                    n_valid: Tensor | None = None) -> Tensor:
         if n_layers < 2:
             return avg_total
         w = torch.minimum(torch.full_like(avg_total, self.window), avg_total).double()
         m = (avg_total.double() - w).clamp_min(0)
         lo = m / self.beta
         hi = 2 * m - lo
-        return (w + hi - layer_idx * (hi - lo) / (n_layers - 1)).floor().long()
+        if n_valid is not None:
+            cap = (n_valid.double() - w).clamp_min(0)
+            hi = torch.minimum(hi, cap)
+            lo = 2 * m - hi
+        return w + hi - layer_idx * (hi - lo) / (n_layers - 1)  # real-valued: the policy rounds

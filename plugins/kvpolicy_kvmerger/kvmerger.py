@@ -24,11 +24,18 @@ Decisions (ALGORITHMS.md D6-D8):
   so every head keeps the same number of entries and the cache stays a dense ``[B, Hkv, K, D]`` tensor
   with no per-head padding or masks; pivots (hence the kernel weights and slot positions) remain per head.
   Protection is shared too (heavy hitters by head-mean score).
-* D6, budget: ``mode: fixed`` uses the fixed threshold and reports the achieved size (``ctx.figures``
-  ``entries`` / ``achieved_ratio``); the budget ratio only decides whether a layer is compressed at all.
-  ``mode: exact`` merges, per row and layer, the ``U - B_u`` most similar joinable adjacent pairs
-  (``U`` unprotected entries, ``B_u`` = budget - protected), which yields exactly the budget (unless the
-  protected entries alone exceed it or too few pairs are joinable; ``figures['over_budget']`` says so).
+* D6, budget: ``mode: fixed`` (the paper) uses the fixed threshold and reports the achieved size
+  (``ctx.figures`` ``entries`` / ``achieved_ratio``); the budget only decides whether a layer is
+  compressed at all, and a layer left above its budget raises a :class:`~kvpolicy.errors.BudgetWarning`
+  (once per message) naming the modes that keep within it. ``mode: capped`` (preset ``kvmerger``) merges
+  the pairs above the threshold and, where that leaves the layer above its budget, the next most similar
+  ones until it fits: the threshold decides the size when it fits the budget, the budget caps it
+  otherwise. ``mode: exact`` merges, per row and layer, the ``U - B_u`` most similar joinable adjacent
+  pairs (``U`` unprotected entries, ``B_u`` = budget - protected), which yields exactly the budget. In
+  both budget modes, a row whose protected entries plus one entry per run of unprotected ones do not fit
+  gets its recent and heavy-hitter shares scaled down by one factor (:func:`fit_protection`; the
+  budget's own recent window and sinks are kept), so the size is the budget; only sinks filling the
+  whole budget leave a layer above it (``figures['over_budget']`` and a warning say so).
   Layers may end with different physical lengths; each layer's mask follows its own metadata.
 * D7: ``sigma_mode: constant`` with ``sigma = 5`` (the paper's ablation) by default, ``distance`` for the
   per-set ``sigma = sum |k_i - k_p| / (sqrt(2) |S|)``, both floored at ``1e-6``. ``mass: scaled`` is the
@@ -44,6 +51,7 @@ Decisions (ALGORITHMS.md D6-D8):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -52,6 +60,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kvpolicy import ops
+from kvpolicy.errors import BudgetWarning
 from kvpolicy.policy import CompressionContext, Merged, Merger, Selection, Selector
 
 SIGMA_MIN = 1e-6
@@ -197,19 +206,60 @@ def gaussian_merge(keys: Tensor, values: Tensor, sets: MergeSets, *, sigma: floa
             torch.where(real, v_new, ops.gather_seq(values.float(), piv)).to(values.dtype))
 
 
+def fit_protection(valid: Tensor, prot: Tensor, n: Tensor, total: Tensor, *, sink: int, recent: Tensor,
+                   heavy: Tensor, base_recent: Tensor, shares: tuple[float, float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Recent and heavy-hitter counts ``[B]`` that leave room for the merging sets within ``total`` ``[B]``.
+
+    A row fits when its protected entries plus one entry per run of unprotected entries (each run becomes
+    at least one set) fit its budget. Rows that do not fit get both method shares scaled by one factor
+    so that ``recent + 2 * heavy <= total - sink - 1`` (every heavy hitter can split a run: at most
+    ``heavy + 1`` runs); the budget's own recent window (``base_recent``) is never cut. Returns the counts
+    and which rows were shrunk. With the counts returned, exact mode meets the budget exactly.
+    """
+    free = valid & ~prot
+    starts = free.clone()
+    starts[..., 1:] &= ~free[..., :-1]
+    fits = prot.sum(-1).view(-1) + starts.sum(-1).view(-1) <= total
+    room = (total - sink - 1).clamp_min(0)
+    need = (recent + 2 * heavy).clamp_min(1)
+    f = (room.double() / need.double()).clamp(max=1.0)
+    r = torch.maximum((_fraction(n, shares[0]).double() * f).floor().long(), base_recent)
+    a = torch.minimum((heavy.double() * f).floor().long(), ((room - r).clamp_min(0)) // 2)
+    shrunk = ~fits & ((r != recent) | (a != heavy))
+    return torch.where(shrunk, r, recent), torch.where(shrunk, a, heavy), shrunk
+
+
+def _warn_over_budget(step: KVMergerSets, ctx: CompressionContext) -> None:
+    """One :class:`~kvpolicy.errors.BudgetWarning` per distinct message (Python's default filter)."""
+    size = (f"ratio {ctx.budget.ratio}" if ctx.budget.ratio is not None
+            else f"{int(ctx.budget.total.max())} tokens")
+    if step.mode == "fixed":
+        msg = (f"selector 'kvmerger' (mode fixed, similarity {step.similarity}) keeps what its threshold gives, "
+               f"more than the budget ({size}) on some layers (figures 'entries', 'over_budget'); the preset "
+               f"'kvmerger' (mode capped) or 'kvmerger-exact' (mode exact) keeps within the budget")
+    else:
+        msg = (f"selector 'kvmerger' (mode {step.mode}) cannot meet the budget ({size}, sink {ctx.budget.sink}): "
+               f"the protected entries and one entry per run of unprotected ones do not fit (figure "
+               f"'over_budget'); use a larger budget or fewer sinks")
+    warnings.warn(msg, BudgetWarning, stacklevel=2)
+
+
 # --------------------------------------------------------------------------------------------- steps
 class KVMergerSets(Selector):
     """KVMerger: protect recent + heavy hitters, merge runs of adjacent similar keys (pivot = most attended)."""
 
     name: ClassVar[str] = "kvmerger"
     similarity: float = Field(default=0.75, ge=-1.0, le=1.0, description="epsilon: adjacent key cosine above "
-                                                                        "which two entries share a set (fixed mode)")
+                                                                        "which two entries share a set (fixed and "
+                                                                        "capped modes)")
     recent: float = Field(default=0.17, ge=0.0, le=1.0, description="rho_r: share of the valid length kept as "
                                                                   "the recent window")
     heavy: float = Field(default=0.12, ge=0.0, le=1.0, description="rho_a: share of the valid length kept as "
                                                                  "heavy hitters (highest head-mean score)")
-    mode: Literal["fixed", "exact"] = Field(default="fixed", description="fixed: threshold epsilon, size "
-                                            "reported; exact: merge the most similar pairs to meet the budget")
+    mode: Literal["fixed", "capped", "exact"] = Field(
+        default="fixed", description="fixed: threshold epsilon, the size is what it gives (warns when above the "
+        "budget); capped: threshold epsilon, more similar pairs merged when that exceeds the budget; exact: merge "
+        "the most similar pairs to meet the budget")
     skip_edge_layers: bool = Field(default=False, description="leave layers 0, 1 and the last uncompressed")
 
     def select(self, ctx: CompressionContext, scores: Tensor, priority: Tensor | None) -> Selection:
@@ -217,30 +267,42 @@ class KVMergerSets(Selector):
         b = valid.shape[0]
         n = valid.sum(-1).view(b)
         shared = scores.float().mean(1, keepdim=True)
-        recent = torch.maximum(_fraction(n, self.recent), ctx.budget.recent.to(n.device))
-        prot = protected_entries(valid, shared, sink=ctx.budget.sink, recent=recent,
-                                 heavy=_fraction(n, self.heavy))
+        total = ctx.budget.total.to(n.device)
+        base_recent = ctx.budget.recent.to(n.device)
+        recent = torch.maximum(_fraction(n, self.recent), base_recent)
+        heavy = _fraction(n, self.heavy)
+        prot = protected_entries(valid, shared, sink=ctx.budget.sink, recent=recent, heavy=heavy)
+        shrunk = torch.zeros(b, dtype=torch.bool, device=n.device)
+        if self.mode != "fixed":  # the protected shares must leave room for the merging sets
+            recent, heavy, shrunk = fit_protection(valid, prot, n, total, sink=ctx.budget.sink, recent=recent,
+                                                   heavy=heavy, base_recent=base_recent,
+                                                   shares=(self.recent, self.heavy))
+            if bool(shrunk.any()):
+                prot = protected_entries(valid, shared, sink=ctx.budget.sink, recent=recent, heavy=heavy)
         free = valid & ~prot
         joinable = free[..., :-1] & free[..., 1:]
         skip = self.skip_edge_layers and ctx.layer_idx in (0, 1, ctx.n_layers - 1)
-        over = 0
         if skip:
             join = torch.zeros_like(joinable)
         elif self.mode == "fixed":
             join = joinable & (adjacent_cosine(ctx.keys) > self.similarity)
         else:
-            total = ctx.budget.total.to(n.device)
-            need = free.sum(-1).view(b) - (total - prot.sum(-1).view(b))
-            n_join = torch.minimum(need.clamp_min(0), joinable.sum(-1).view(b))
-            join = exact_joins(adjacent_cosine(ctx.keys), joinable, n_join)
-            over = int((n - n_join - total).clamp_min(0).sum())
+            cos = adjacent_cosine(ctx.keys)
+            need = (free.sum(-1).view(b) - (total - prot.sum(-1).view(b))).clamp_min(0)
+            if self.mode == "capped":  # the threshold's joins, or more if they leave the layer above budget
+                need = torch.maximum(need, (joinable & (cos > self.similarity)).sum(-1).view(b))
+            n_join = torch.minimum(need, joinable.sum(-1).view(b))
+            join = exact_joins(cos, joinable, n_join)
         sets = merging_sets(valid, join, scores.float())
-        entries = sets.kept[:, 0].sum(-1).float()
-        ctx.figures.update(entries=round(float(entries.mean()), 1), protected=int(prot.sum()) // b,
-                           achieved_ratio=round(float((entries / n.clamp_min(1)).mean()), 4), over_budget=over)
+        entries = sets.kept[:, 0].sum(-1)
+        compressing = total < n
+        over = int(((entries - total).clamp_min(0) * compressing).sum()) if not skip else 0
+        ctx.figures.update(entries=round(float(entries.float().mean()), 1), protected=int(prot.sum()) // b,
+                           achieved_ratio=round(float((entries / n.clamp_min(1)).mean()), 4), over_budget=over,
+                           protection_shrunk=int(shrunk.sum()))
+        if over:
+            _warn_over_budget(self, ctx)
         return sets
-
-
 class KVMergerGaussian(Merger):
     """KVMerger merge: Gaussian-kernel weights around each set's pivot.
 

@@ -1,0 +1,159 @@
+"""The cache's contract with the ways people call it: turns under and outside inference mode, assisted
+generation and prompt lookup, modality overrides, models it cannot serve, a cache handed to another model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import kvpolicy
+from kvpolicy.errors import CacheUsageError, UnsupportedModelError
+
+from conftest import make_tiny_llama
+
+
+def _gen(model, ids, cache=None, new=6, **kw):
+    extra = {} if cache is None else {"cache": cache}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                         **extra, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def test_a_turn_under_inference_mode_then_one_without_it(tiny_llama):
+    """The CLI prefills under torch.inference_mode(); a second generate() on the same cache without it
+    must not fail on the in-place decode buffers, and must give what two turns without it give."""
+    g = torch.Generator().manual_seed(3)
+    first = torch.randint(3, 100, (1, 50), generator=g)
+    policy = kvpolicy.load_policy("snapkv", budget=0.5)
+
+    def two_turns(inference_first: bool):
+        with kvpolicy.compress(tiny_llama, policy) as cache:
+            with torch.inference_mode(inference_first):
+                seq, _ = _gen(tiny_llama, first, cache)
+            second = torch.cat([seq, torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(4))], 1)
+            with torch.no_grad():
+                seq2, logits2 = _gen(tiny_llama, second, cache)
+        return seq2, logits2
+
+    seq_a, logits_a = two_turns(True)
+    seq_b, logits_b = two_turns(False)
+    assert torch.equal(seq_a, seq_b)
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("drafting", ["prompt_lookup", "assistant"])
+def test_assisted_generation_and_prompt_lookup_are_exact_at_full_budget(tiny_llama, drafting):
+    # a repetitive prompt so that prompt lookup finds candidates (and accepts all of them at times: crop(-0))
+    ids = torch.arange(3, 23).repeat(4)[None]
+    kw = ({"prompt_lookup_num_tokens": 3} if drafting == "prompt_lookup"
+          else {"assistant_model": make_tiny_llama(seed=5)})
+    ref, _ = _gen(tiny_llama, ids, new=12)
+    with torch.no_grad(), kvpolicy.compress(tiny_llama, "full") as cache:
+        seq, _ = _gen(tiny_llama, ids, cache, new=12, **kw)
+    assert torch.equal(seq, ref)
+    layer = cache.layers[0]
+    assert layer.n_seen == seq.shape[1] - 1 and layer.physical_length == layer.n_seen  # rejected drafts cropped
+    assert int(cache.seen_valid[0]) == layer.n_seen
+
+
+def test_assisted_generation_with_a_compressing_policy_is_refused_up_front(tiny_llama):
+    ids = torch.arange(3, 23).repeat(4)[None]
+    with kvpolicy.compress(tiny_llama, "snapkv", budget=0.5) as cache:
+        with pytest.raises(CacheUsageError, match=r"generate\(prompt_lookup_num_tokens=\.\.\.\) drafts tokens.*"
+                                                  r"policy 'snapkv' compresses.*Allowed:.*budget 1\.0"):
+            _gen(tiny_llama, ids, cache, prompt_lookup_num_tokens=3)
+        assert cache.layers[0].keys is None  # nothing ran
+    assert "generate" not in tiny_llama.__dict__  # the model is restored
+
+
+def test_crop_of_zero_is_a_no_op_and_compressed_entries_cannot_be_cropped(tiny_llama):
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+    policy = kvpolicy.load_policy("streaming", budget={"tokens": 10, "sink": 4})  # keeps 0-3 and 34-39
+    with torch.no_grad(), kvpolicy.compress(tiny_llama, policy) as cache:
+        tiny_llama(input_ids=ids, cache=cache)
+        tiny_llama(input_ids=ids[:, :1], cache=cache)
+        assert cache.layers[0].physical_length == 11
+        cache.crop(-0)
+        cache.crop(0)
+        assert cache.layers[0].physical_length == 11
+        cache.crop(-1)  # the decoded token: appended after the compression
+        assert (cache.layers[0].physical_length, cache.get_seq_length()) == (10, 40)
+        cache.crop(38)  # the older form: keep the first 38 tokens seen (34-37 of the recent window stay)
+        assert cache.layers[0].positions[0, 0].tolist() == [0, 1, 2, 3, 34, 35, 36, 37]
+        with pytest.raises(CacheUsageError, match="cannot remove the last 6 tokens: some of them were compressed"):
+            cache.crop(-6)
+        assert cache.layers[0].physical_length == 8 and cache.get_seq_length() == 38
+        assert int(cache.seen_valid[0]) == 38
+
+
+def test_a_modality_override_of_the_wrong_shape_is_refused(tiny_llama):
+    ids = torch.randint(3, 100, (1, 20))
+    with torch.no_grad(), kvpolicy.compress(tiny_llama, "lookm-pivot", budget=0.5) as cache:
+        cache.modality = torch.zeros(1, 19, dtype=torch.bool)
+        with pytest.raises(CacheUsageError, match=r"cache.modality is \[1, 19\] but the next forward has 1 rows of "
+                                                  r"20 tokens; allowed: a bool tensor \[B=1, L=20\]"):
+            tiny_llama(input_ids=ids, cache=cache)
+        assert cache.modality is None and cache.layers[0].keys is None  # consumed, nothing appended
+        mask = torch.zeros(1, 20, dtype=torch.bool)
+        mask[:, 5:15] = True
+        cache.modality = mask
+        tiny_llama(input_ids=ids, cache=cache)
+    assert cache.layers[0].image_seen == 10
+
+
+def test_a_cache_used_by_a_second_model_is_refused_and_left_unchanged(tiny_llama):
+    other = make_tiny_llama(seed=9)
+    ids = torch.randint(3, 100, (1, 30))
+    with torch.no_grad(), kvpolicy.compress(tiny_llama, "snapkv", budget=0.5) as cache:
+        tiny_llama(input_ids=ids, cache=cache)
+        before = [(layer.keys.clone(), layer.n_seen) for layer in cache.layers]
+        with pytest.raises(CacheUsageError, match="updated by a forward that kvpolicy.compress\\(\\) did not see"):
+            other(input_ids=ids[:, :1], past_key_values=cache)
+        for (keys, n), layer in zip(before, cache.layers):
+            assert torch.equal(keys, layer.keys) and n == layer.n_seen
+        tiny_llama(input_ids=ids[:, :1], cache=cache)  # the right model still works
+    assert cache.layers[0].n_seen == 31
+
+
+def test_multi_head_latent_attention_is_refused_up_front():
+    from transformers import DeepseekV3Config
+
+    cfg = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8,
+                           q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                           n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=1)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(UnsupportedModelError, match=r"multi-head latent attention \(kv_lora_rank=8\).*allowed: "
+                                                    r"models whose attention caches per-head keys and values"):
+        with kvpolicy.compress(model, "snapkv"):
+            pass
+
+
+def test_an_attention_argument_the_kvpolicy_attention_does_not_implement_is_refused_by_name(tiny_llama):
+    """Soft-capping, sinks, windows...: the attention function refuses what it would otherwise drop silently."""
+    from kvpolicy.integrate import kvpolicy_attention
+
+    attn = tiny_llama.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 2, 3, 16)
+    with kvpolicy.compress(tiny_llama, "snapkv"):
+        for kw, shown in (({"softcap": 50.0}, "softcap=50.0"), ({"s_aux": torch.zeros(4)}, "s_aux=<tensor [4]>"),
+                          ({"sliding_window": 512}, "sliding_window=512"), ({"dropout": 0.1}, "dropout=0.1")):
+            with pytest.raises(UnsupportedModelError, match=rf"LlamaAttention \(layer 0\) calls its attention with "
+                                                            rf"{re.escape(shown)}, which the kvpolicy attention"):
+                kvpolicy_attention(attn, q, kv, kv, None, scaling=0.25, **kw)
+
+
+def test_a_model_with_logit_soft_capping_is_refused_up_front():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, layer_types=["full_attention"] * 2,
+                       attn_logit_softcapping=50.0)
+    with pytest.raises(UnsupportedModelError, match=r"uses attn_logit_softcapping=50.0, which the kvpolicy attention"):
+        with kvpolicy.compress(Gemma2ForCausalLM(cfg).eval(), "snapkv"):
+            pass
