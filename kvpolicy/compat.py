@@ -51,14 +51,18 @@ def supported_transformers() -> str | None:
 
 def transformers_problem(version: str | None = None) -> str | None:
     """Why the installed (or the given) ``transformers`` version is unsupported, or None when it is supported."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
     if version is None:
         import transformers
 
         version = transformers.__version__
-    spec = supported_transformers()
+    return _problem(version, supported_transformers())
+
+
+@functools.lru_cache(maxsize=16)
+def _problem(version: str, spec: str | None) -> str | None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
     if spec is None or SpecifierSet(spec).contains(Version(version), prereleases=True):
         return None
     return (f"transformers {version} is installed; kvpolicy supports transformers{spec} (the range it is tested "

