@@ -2,7 +2,7 @@
 # Issue 12: KVMerger's value rules (|S|-scaled, weighted mean, +log|S| bias) and Elastic Cache's merge forms
 # (faithful, +log n, value-only) on the embedded SmolLM2, 2000-token Austen contexts, budgets 0.1 / 0.2 / 0.5,
 # with H2O and the full cache as references; then docs/results/merge-forms.md. One `kvpolicy bench` at a time
-# (each took 3.5 to 15 minutes on 2 cores shared with other jobs).
+# (each took 2 to 17 minutes on 2 cores shared with other jobs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1

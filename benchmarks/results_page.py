@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +153,12 @@ def main() -> int:
             rs.sort(key=lambda r: (r.get("copy_nll", float("inf")) if not math.isnan(r.get("copy_nll", float("nan")))
                                    else float("inf")))
             parts += [f"### budget {b:g} (sorted by copy NLL)", "", table(full + rs), ""]
-        pngs = report.plot_quality([r for r in summary if r["context"] == n], out)
-        if a.plot_prefix:
-            pngs = [p.replace(p.with_name(a.plot_prefix + p.name)) for p in pngs]
+        if a.plot_prefix:  # drawn elsewhere, so that another page's quality_N.png is never overwritten
+            with tempfile.TemporaryDirectory() as tmp:
+                pngs = [Path(shutil.move(p, out / (a.plot_prefix + p.name)))
+                        for p in report.plot_quality([r for r in summary if r["context"] == n], Path(tmp))]
+        else:
+            pngs = report.plot_quality([r for r in summary if r["context"] == n], out)
         for p in pngs:
             parts += [f"![quality vs budget, {n} tokens]({p.name})", ""]
     if a.notes and Path(a.notes).is_file():

@@ -714,7 +714,7 @@ def valid_configs(draw: Any) -> dict[str, Any]:
         budget: dict[str, Any] = {"ratio": draw(st.floats(0.05, 1.0))}
     else:
         budget = {"tokens": draw(st.integers(1, 48))}
-    budget["sink"] = draw(st.integers(0, 4))
+    budget["sink"] = draw(st.integers(0, min(4, budget.get("tokens", 4))))  # sinks are part of the budget
     budget["recent"] = draw(st.sampled_from([0, 0.0, 0.25, 0.5, 1.0]))
     cfg: dict[str, Any] = {"name": "fuzz", "budget": budget, "scorer": pick("scorer"), "selector": pick("selector"),
                            "merger": pick("merger"), "decode": pick("decode"), "layers": pick("schedule")}

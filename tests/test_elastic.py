@@ -245,8 +245,8 @@ def test_batch_generate_left_padded_through_the_cache(tiny_llama):
                                   pad_token_id=0, cache=cache)
     assert out.shape == (2, 52)
     layer = cache.layers[0]
-    # row 0: 20 entries after prefill (40 tokens), row 1: 14 (28 tokens); 11 appended, fixed-point deletions
-    # keep the longest row at ceil(0.5 * 51) = 26; the padded row loses the same entries
+    # row 0: 20 entries after prefill (40 tokens), row 1: 14 (28 tokens); 11 appended, each row's own
+    # fixed-point deletions keep it at ceil(0.5 * n_seen): 26 (51 seen) and 20 (39 seen)
     assert layer.physical_length == 26
     assert layer.valid[:, 0].sum(-1).tolist() == [26, 20]
     assert not bool((layer.valid & (layer.positions < 12))[1].any())  # no pad of row 1 is valid

@@ -4,7 +4,7 @@ Each method's kept entries are checked against an independent reference written 
 matrices, plain loops over chunks, ``pinv``; none of the package's helpers), first on small random tensors
 with a left-padded row, then on SmolLM2 with ~1500 tokens of real text (the references read the model's own
 pre-RoPE queries and keys through ``q_proj`` / ``k_proj`` hooks and its own rotary embedding). kvpress itself
-is compared in ``docs/methods/presses.md`` (``plugins/kvpolicy_presses/kvpress_compare.py``), not here: it
+is compared in ``docs/methods/presses.md`` (``benchmarks/presses_kvpress.py``), not here: it
 lives in its own virtualenv.
 """
 

@@ -290,6 +290,7 @@ def test_a_row_alone_and_left_padded_in_a_batch_keeps_the_same_entries(tiny_llam
 
 
 # --------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["chunkkv", "simlayerkv", "finch", "kvzip"])
 def test_presets_on_smollm2_keep_their_sizes_and_generate(smollm2, smol_passage, preset):
     model, tok = smollm2

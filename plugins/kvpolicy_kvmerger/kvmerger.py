@@ -231,8 +231,8 @@ def fit_protection(valid: Tensor, prot: Tensor, n: Tensor, total: Tensor, *, sin
 
 def _warn_over_budget(step: KVMergerSets, ctx: CompressionContext) -> None:
     """One :class:`~kvpolicy.errors.BudgetWarning` per distinct message (Python's default filter)."""
-    size = (f"ratio {ctx.budget.ratio}" if ctx.budget.ratio is not None
-            else f"{int(ctx.budget.total.max())} tokens")
+    tokens = int(ctx.budget.total.max())
+    size = f"ratio {ctx.budget.ratio}" if ctx.budget.ratio is not None else f"{tokens} token{'s' * (tokens != 1)}"
     if step.mode == "fixed":
         msg = (f"selector 'kvmerger' (mode fixed, similarity {step.similarity}) keeps what its threshold gives, "
                f"more than the budget ({size}) on some layers (figures 'entries', 'over_budget'); the preset "

@@ -27,15 +27,17 @@ def score_rows(ctx: CompressionContext, fn: Callable[[int, int, Tensor], Tensor]
     """Scores ``[B, Hkv, S]`` fp32 from ``fn(row, kv_head, idx) -> [n]``, called once per (row, KV head).
 
     ``idx [n]`` (long, ascending) are the slots of that head's valid entries; ``fn`` scores those entries in
-    that order. Invalid slots score ``-inf`` (never kept; the pipeline ignores scores on them).
+    that order. Invalid slots score ``-inf`` (never kept; the pipeline ignores scores on them). Scores are
+    statistics, never differentiated: computed without autograd even when the model's forward records it.
     """
     b, h, s = ctx.shape
     out = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=ctx.keys.device)
-    for r in range(b):
-        for j in range(h):
-            idx = torch.nonzero(ctx.valid[r, j]).flatten()
-            if idx.numel():
-                out[r, j, idx] = fn(r, j, idx).float()
+    with torch.no_grad():
+        for r in range(b):
+            for j in range(h):
+                idx = torch.nonzero(ctx.valid[r, j]).flatten()
+                if idx.numel():
+                    out[r, j, idx] = fn(r, j, idx).float()
     return out
 
 

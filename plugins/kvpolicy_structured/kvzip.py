@@ -24,9 +24,10 @@ kvpress's ``KVzipPress`` defaults and what the ``kvzip`` preset does with each:
   the same budget, i.e. kvpress's ``layerwise = True`` with a per-head (not joint-over-heads) top-k.
 * ``kvzip_plus_normalization = False`` -> not implemented (plain attention scores).
 
-Cost: the re-read is a second prefill of the context (plus the prompt per chunk) over the full cache, so
-a ``kvzip`` prefill costs about two plain ones and cannot be replayed by the bench harness; the measured
-ratio on SmolLM2 is on ``docs/methods/structured.md``.
+Cost: the re-read is a second forward of the context (plus the prompt per chunk) over the full cache, with
+an fp32 max-attention observation per layer: on SmolLM2 with 2000 tokens a ``kvzip`` prefill took 4.2x a
+plain one (``benchmarks/kvzip_cost.py``; ``docs/methods/structured.md``). The bench
+harness cannot replay it.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Two halves, because kvpress pins an older transformers and lives in its own virtualenv
 (``bash benchmarks/kvpress_env.sh --setup-only`` creates ``.venv-kvpress``):
 
-    python plugins/kvpolicy_presses/kvpress_compare.py prompt --out /tmp/cmp            # kvpolicy env: the prompt ids
-    .venv-kvpress/bin/python plugins/kvpolicy_presses/kvpress_compare.py kvpress --out /tmp/cmp   # kvpress's kept entries
-    python plugins/kvpolicy_presses/kvpress_compare.py compare --out /tmp/cmp           # ours, and the table
+    python benchmarks/presses_kvpress.py prompt --out /tmp/cmp            # kvpolicy env: the prompt ids
+    .venv-kvpress/bin/python benchmarks/presses_kvpress.py kvpress --out /tmp/cmp   # kvpress's kept entries
+    python benchmarks/presses_kvpress.py compare --out /tmp/cmp           # ours, and the table
 
 The prompt is the test suite's SmolLM2 passage (Pride & Prejudice, 1 500 tokens). kvpress keeps
 ``int(L * (1 - compression_ratio))`` entries per head (``compression_ratio = 1 - budget``), which floating
@@ -112,7 +112,7 @@ def compare_side(out: Path) -> str:
     lines = [f"kvpress {theirs['_meta']['kvpress']} (transformers {theirs['_meta']['transformers']}) vs kvpolicy, "
              f"SmolLM2, {ids.shape[1]}-token prompt, budget {BUDGET}: kept positions of kvpolicy not kept by kvpress, "
              f"summed over the 3 KV heads, per layer", "",
-             "| kvpolicy | kvpress | compared | kept / head | mismatches (all layers) | share | per layer (0..29) |",
+             "| kvpolicy | kvpress | compared | kept / head | mismatches (all layers) | share | per layer, from layer 0 |",
              "|---|---|---|---:|---:|---:|---|"]
     for name, (cls_name, params, policy, what) in PAIRS.items():
         ref = theirs[SAME_RUN.get(name, name)]

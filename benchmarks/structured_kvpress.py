@@ -2,10 +2,10 @@
 
 Three steps (the kvpress side runs in kvpress's own virtualenv, see ``benchmarks/kvpress_env.sh``):
 
-    python benchmarks/configs/structured_kvpress.py sample --out /tmp/sk/sample.json
-    .venv-kvpress/bin/python benchmarks/configs/structured_kvpress.py kvpress --sample /tmp/sk/sample.json \
+    python benchmarks/structured_kvpress.py sample --out /tmp/sk/sample.json
+    .venv-kvpress/bin/python benchmarks/structured_kvpress.py kvpress --sample /tmp/sk/sample.json \
         --out /tmp/sk/kvpress.json
-    python benchmarks/configs/structured_kvpress.py ours --kvpress /tmp/sk/kvpress.json
+    python benchmarks/structured_kvpress.py ours --kvpress /tmp/sk/kvpress.json
 
 The sample is ``kvpolicy bench``'s 2000-token context (seed 0, the results page's sizes). kvpress shrinks
 the cache by gathering entries, so the kept indices are recovered by matching each kept key with the full

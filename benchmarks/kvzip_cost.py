@@ -1,6 +1,6 @@
 """Prefill time of the ``kvzip`` preset against a plain prefill (preset ``full``) on SmolLM2.
 
-    flock /tmp/kvpolicy-bench.lock nice -n 10 python benchmarks/configs/structured_kvzip_cost.py --repeats 3
+    flock /tmp/kvpolicy-bench.lock nice -n 10 python benchmarks/kvzip_cost.py --repeats 3
 
 The context is ``kvpolicy bench``'s 2000-token sample (seed 0). Plain and ``kvzip`` prefills alternate
 (so a change of machine load hits both), one torch thread; prints each time and the median ratio.
