@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvpolicy import observe, ops, tracing
+from kvpolicy import contract, observe, ops, tracing
 from kvpolicy.errors import CacheUsageError
 from kvpolicy.policy import (Compact, CompressionContext, DecodeRule, DecodeView, KeepIndices, LayerBudget,
                              Merged, Policy, Selection)
@@ -96,19 +96,26 @@ class KVPolicyLayer(DynamicLayer):
         """Remove the newest tokens: ``-n`` removes ``n`` (transformers >= 5.2x), ``0`` nothing, a positive
         ``m`` (the older form) everything after the first ``m`` tokens seen. Only tokens appended since the
         last compression can be removed (assisted generation, prompt lookup and rollbacks do this)."""
-        n = -tokens_to_remove if tokens_to_remove <= 0 else self.n_seen - tokens_to_remove
-        if n <= 0 or self.positions is None or self.physical_length == 0:
+        n = self.check_crop(tokens_to_remove)
+        if n <= 0:
             return
-        if n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n:
-            raise CacheUsageError(
-                f"layer {self.layer_idx}: cannot remove the last {n} tokens: some of them were compressed "
-                f"(merged or evicted) since they were appended; only tokens appended since the last compression "
-                f"can be removed")
         for name in self._per_entry():
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[..., :-n, :] if name in ("keys", "values") else t[..., :-n])
         self.n_seen -= n
+
+    def check_crop(self, tokens_to_remove: int) -> int:
+        """How many entries :meth:`crop` would remove (0: nothing); raises if some of them were compressed."""
+        n = -tokens_to_remove if tokens_to_remove <= 0 else self.n_seen - tokens_to_remove
+        if n <= 0 or self.positions is None or self.physical_length == 0:
+            return 0
+        if n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n:
+            raise CacheUsageError(
+                f"layer {self.layer_idx}: cannot remove the last {n} tokens: some of them were compressed "
+                f"(merged or evicted) since they were appended; only tokens appended since the last compression "
+                f"can be removed")
+        return n
 
     # --- appending
     def append(self, key_states: Tensor, value_states: Tensor, info: ForwardInfo) -> None:
@@ -308,9 +315,11 @@ class KVPolicyCache(Cache):
         n = -tokens_to_remove if tokens_to_remove <= 0 else first.n_seen - tokens_to_remove
         if n <= 0 or first.valid is None or first.physical_length == 0:
             return
+        for layer in self.layers:  # every layer is checked before any changes
+            layer.check_crop(tokens_to_remove)
         removed = first.valid[:, 0, -n:].sum(-1).long() if n <= first.physical_length else None
         for layer in self.layers:
-            layer.crop(tokens_to_remove)  # raises before anything changes if layer 0 cannot (checked first)
+            layer.crop(tokens_to_remove)
         if self.seen_valid is not None and removed is not None:
             self.seen_valid = self.seen_valid - removed.to(self.seen_valid.device)
         self._budgets = None
@@ -464,7 +473,17 @@ class KVPolicyCache(Cache):
             ev = self._event(layer, "decode", action.event)
             with tracing.compress_span(ev):
                 idx = action.indices
-                sel = Selection(indices=idx, kept=idx >= 0 if action.kept is None else action.kept)
+                kept = idx >= 0 if action.kept is None else action.kept
+                sel = Selection(indices=idx.clamp_min(0), kept=kept)
+                budget = self.policy.layer_budget(layer.layer_idx, self.n_layers, self.seen_valid.cpu())
+                ctx = self._ctx(layer, "decode", budget, _scaling(layer))
+                if isinstance(kept, Tensor) and kept.shape == idx.shape and kept.dtype == torch.bool:
+                    # a kept pad stays an invalid slot (apply() ands validity in): only real entries are checked
+                    hs = idx.shape[1]
+                    valid = (ctx.valid[:, :1] if hs == 1 else ctx.valid).gather(2, sel.indices.clamp_max(
+                        ctx.shape[2] - 1))
+                    sel = Selection(indices=sel.indices, kept=kept & valid)
+                contract.check_selection(rule, ctx, sel)
                 self._finish_event(layer, ev, sel, None, {})
             return
         if isinstance(action, Compact):

@@ -78,8 +78,9 @@ def _finite_rows(t: Tensor) -> Tensor:
 def check_scores(step: Component, ctx: CompressionContext, scores: object) -> Tensor:
     """``scores`` as fp32 ``[B, Hkv or 1, S]``; NaN on a valid entry is refused."""
     t = _per_entry_shape(step, ctx, scores, "scores")
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8)):
-        _fail(step, ctx, f"scores of dtype {t.dtype}", "a real-valued tensor (fp32 preferred)", "dtype/device")
+    if t.is_complex():
+        _fail(step, ctx, f"scores of dtype {t.dtype}", "a real-valued tensor (fp32 preferred; bool and integer "
+                                                       "tensors are taken as 0/1 and counts)", "dtype/device")
     t = t.float()
     nan = t.isnan() & _valid_for(ctx, t.shape[1])
     if bool(nan.any()):

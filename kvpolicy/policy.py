@@ -402,7 +402,7 @@ class Policy:
     schedule: LayerSchedule
     prior: Prior | None = None
     description: str = ""
-    _budget_memo: dict[Any, list[LayerBudget]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _budget_memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def steps(self) -> list[Component]:
         return [s for s in (self.scorer, self.prior, self.selector, self.merger, self.decode, self.schedule)
@@ -427,6 +427,10 @@ class Policy:
         largest fractional share (ties to the lower layer), so the layers keep exactly ``n_layers`` times
         the uniform budget per row (less only where every layer keeps everything).
         """
+        owner = self._budget_memo.get("owner")
+        if owner is None or owner[0] is not self.budget or owner[1] is not self.schedule:
+            self._budget_memo.clear()  # the policy's budget or schedule was replaced since
+            self._budget_memo["owner"] = (self.budget, self.schedule)
         key = (n_layers, tuple(int(x) for x in n_valid.reshape(-1)))
         hit = self._budget_memo.get(key)
         if hit is not None:
@@ -447,6 +451,7 @@ class Policy:
             out.append(lb)
         if len(self._budget_memo) > 64:
             self._budget_memo.clear()
+            self._budget_memo["owner"] = (self.budget, self.schedule)
         self._budget_memo[key] = out
         return out
 

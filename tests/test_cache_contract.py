@@ -157,3 +157,39 @@ def test_a_model_with_logit_soft_capping_is_refused_up_front():
     with pytest.raises(UnsupportedModelError, match=r"uses attn_logit_softcapping=50.0, which the kvpolicy attention"):
         with kvpolicy.compress(Gemma2ForCausalLM(cfg).eval(), "snapkv"):
             pass
+
+
+def test_budgets_follow_a_changed_policy_and_bool_scores_are_accepted():
+    from kvpolicy import contract
+    from kvpolicy.policy import Budget
+    from kvpolicy_baselines.scorers import KeyNorm
+
+    policy = kvpolicy.load_policy({"scorer": "snapkv", "budget": {"ratio": 0.5}})
+    assert int(policy.layer_budget(0, 4, torch.tensor([100])).total) == 50
+    policy.budget = Budget(ratio=0.25)  # the memo of layer budgets is keyed by the budget and the schedule
+    assert int(policy.layer_budget(0, 4, torch.tensor([100])).total) == 25
+    ctx = kvpolicy.testing.make_context(policy, kvpolicy.testing.Case(
+        batch=1, kv_heads=1, group=1, seq=6, head_dim=4, dtype=torch.float32, pads=(0,), pattern="random",
+        image_share=0.0, budget={"tokens": 3}, layer_idx=0, n_layers=1, seed=0), kvpolicy.testing.make_inputs(
+        kvpolicy.testing.Case(batch=1, kv_heads=1, group=1, seq=6, head_dim=4, dtype=torch.float32, pads=(0,),
+                              pattern="random", image_share=0.0, budget={"tokens": 3}, layer_idx=0, n_layers=1,
+                              seed=0)))
+    for dtype in (torch.bool, torch.uint8, torch.int64):
+        out = contract.check_scores(KeyNorm(), ctx, torch.ones(1, 1, 6, dtype=dtype))
+        assert out.dtype == torch.float32
+
+
+def test_a_refused_crop_changes_no_layer(tiny_llama):
+    """A layer that compacted while decoding cannot be cropped: the check covers every layer before any
+    changes (layer 0 alone used to be checked first)."""
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), kvpolicy.compress(tiny_llama, "streaming", budget={"tokens": 10, "sink": 4}) as cache:
+        tiny_llama(input_ids=ids, cache=cache)
+        tiny_llama(input_ids=ids[:, :1], cache=cache)
+        last = cache.layers[1]
+        last.positions = last.positions.clone()
+        last.positions[..., -2] = 3  # as if this layer had compacted its newest entries
+        before = [layer.physical_length for layer in cache.layers]
+        with pytest.raises(CacheUsageError, match="layer 1: cannot remove the last 2 tokens"):
+            cache.crop(-2)
+        assert [layer.physical_length for layer in cache.layers] == before
