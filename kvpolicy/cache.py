@@ -473,17 +473,11 @@ class KVPolicyCache(Cache):
             ev = self._event(layer, "decode", action.event)
             with tracing.compress_span(ev):
                 idx = action.indices
-                kept = idx >= 0 if action.kept is None else action.kept
-                sel = Selection(indices=idx.clamp_min(0), kept=kept)
+                sel = Selection(indices=idx.clamp_min(0), kept=idx >= 0 if action.kept is None else action.kept)
                 budget = self.policy.layer_budget(layer.layer_idx, self.n_layers, self.seen_valid.cpu())
-                ctx = self._ctx(layer, "decode", budget, _scaling(layer))
-                if isinstance(kept, Tensor) and kept.shape == idx.shape and kept.dtype == torch.bool:
-                    # a kept pad stays an invalid slot (apply() ands validity in): only real entries are checked
-                    hs = idx.shape[1]
-                    valid = (ctx.valid[:, :1] if hs == 1 else ctx.valid).gather(2, sel.indices.clamp_max(
-                        ctx.shape[2] - 1))
-                    sel = Selection(indices=sel.indices, kept=kept & valid)
-                contract.check_selection(rule, ctx, sel)
+                # a kept pad stays an invalid slot (apply() ands validity in), so pads may be listed here
+                contract.check_selection(rule, self._ctx(layer, "decode", budget, _scaling(layer)), sel,
+                                         pads_allowed=True)
                 self._finish_event(layer, ev, sel, None, {})
             return
         if isinstance(action, Compact):

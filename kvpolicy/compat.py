@@ -19,7 +19,7 @@ import functools
 import inspect
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -116,18 +116,29 @@ def cache_keyword(model: nn.Module) -> Iterator[None]:
         return (args, _renamed(kwargs)) if "cache" in kwargs else None
 
     handle = model.register_forward_pre_hook(rename, with_kwargs=True, prepend=True)
-    own = model.__dict__.get("generate")  # an instance attribute set by someone else, restored on exit
+    try:
+        with wrapped_generate(model, _renamed):
+            yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def wrapped_generate(model: nn.Module, on_call: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterator[None]:
+    """Inside the block, ``model.generate(*args, **kwargs)`` runs ``generate(*args, **on_call(kwargs))``
+    (``on_call`` may rewrite the keywords or raise). Blocks nest; on exit the model is restored exactly,
+    an instance attribute ``generate`` set by someone else included."""
+    own = model.__dict__.get("generate")
     inner = model.generate
 
     @functools.wraps(inner)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        return inner(*args, **_renamed(kwargs))
+        return inner(*args, **on_call(kwargs))
 
     model.generate = generate
     try:
         yield
     finally:
-        handle.remove()
         if own is not None:
             model.generate = own
         else:

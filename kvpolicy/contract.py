@@ -102,9 +102,11 @@ def check_priority(step: Component, ctx: CompressionContext, priority: object) -
     return t
 
 
-def check_selection(step: Component, ctx: CompressionContext, selection: object) -> None:
-    """Indices ``[B, Hs, K]`` long in ``[0, S)``, ``kept`` bool of the same shape, kept slots valid and
-    strictly ascending."""
+def check_selection(step: Component, ctx: CompressionContext, selection: object, *, pads_allowed: bool = False
+                    ) -> None:
+    """Indices ``[B, Hs, K]`` long in ``[0, S)``, ``kept`` bool of the same shape, kept slots valid (unless
+    ``pads_allowed``: a decode rule's list of entries to keep may name pads, which stay invalid) and strictly
+    ascending."""
     from kvpolicy.policy import Selection
 
     b, h, s = ctx.shape
@@ -124,7 +126,7 @@ def check_selection(step: Component, ctx: CompressionContext, selection: object)
         _fail(step, ctx, f"a selection on {idx.device}", allowed, "dtype/device")
     if bool((idx < 0).any() | (idx >= s).any()):
         _fail(step, ctx, f"indices in [{int(idx.min())}, {int(idx.max())}]", allowed)
-    if bool((kept & ~_valid_for(ctx, idx.shape[1]).gather(2, idx)).any()):
+    if not pads_allowed and bool((kept & ~_valid_for(ctx, idx.shape[1]).gather(2, idx)).any()):
         _fail(step, ctx, "a kept slot pointing to a padding or invalid entry", allowed, "pads never kept")
     before = torch.where(kept, idx, -1).cummax(-1).values  # largest kept index so far (fillers sit anywhere)
     if bool((kept[..., 1:] & (idx[..., 1:] <= before[..., :-1])).any()):

@@ -282,10 +282,8 @@ def _refuse_drafting(model: nn.Module, policy: Policy) -> Iterator[None]:
     if not _compresses(policy):
         yield
         return
-    own = model.__dict__.get("generate")
-    inner = model.generate
 
-    def generate(*args: Any, **kwargs: Any) -> Any:
+    def check(kwargs: dict[str, Any]) -> dict[str, Any]:
         cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
         used = [k for k in _DRAFTING if kwargs.get(k) is not None or getattr(cfg, k, None) is not None]
         if used:
@@ -294,16 +292,10 @@ def _refuse_drafting(model: nn.Module, policy: Policy) -> Iterator[None]:
                 f"then crops the rejected ones; policy {policy.name!r} compresses that forward before the crop "
                 f"({policy.budget.describe()}). Allowed: plain greedy/sampled decoding with this policy, or "
                 f"assisted generation / prompt lookup at budget 1.0 (e.g. kvpolicy.compress(model, 'full'))")
-        return inner(*args, **kwargs)
+        return kwargs
 
-    model.generate = generate
-    try:
+    with compat.wrapped_generate(model, check):
         yield
-    finally:
-        if own is not None:
-            model.generate = own
-        else:
-            del model.generate
 
 
 def _plan_prompt_ids(model: nn.Module, cache: KVPolicyCache) -> list[int]:
