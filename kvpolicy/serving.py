@@ -1,0 +1,268 @@
+"""Engine-free support for serving engines: compress one request's prompt, every layer and head to one count.
+
+A serving engine (vLLM, see ``plugins/kvpolicy_vllm``) keeps each request's KV cache in fixed-size blocks
+and gives blocks back only whole, so a compressed request must hold the same number of entries in every
+layer and every KV head. When a request's prompt has been prefilled, the engine reads, per layer, the
+request's keys and values ``[Hkv, L, D]`` out of its blocks, and the last queries of the prompt; this
+module runs the policy on them and returns the ``K`` entries to write back into the request's first blocks.
+
+What a serving engine cannot give is refused here, before a request runs (:func:`check_servable`): layer
+schedules that give layers different counts, decode-time rules, a logit bias on merged entries, and
+observations that need every prompt query (accumulated or max attention, context reconstruction).
+
+Nothing here imports an engine or ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import Tensor
+
+from kvpolicy.config import format_validation, load_policy
+from kvpolicy.errors import ConfigError, StepOutputError
+from kvpolicy.policy import CompressionContext, DecodeRule, LayerBudget, Policy
+
+#: the key under which engines carry kvpolicy's settings (vLLM: ``additional_config`` and ``extra_args``)
+CONFIG_KEY = "kvpolicy"
+
+#: observations a serving engine gives a policy step
+SERVABLE_OBSERVATIONS = frozenset({"window_attention", "key_norms"})
+_WHY_NOT = {
+    "accumulated_attention": "the accumulated attention of every prompt query (under chunked prefill the "
+                             "engine sees one chunk of queries at a time)",
+    "max_attention": "the max attention over every prompt query (under chunked prefill the engine sees one "
+                     "chunk of queries at a time)",
+    "queries": "every prompt query (under chunked prefill the engine sees one chunk of queries at a time)",
+    "reconstruction_attention": "a context-reconstruction pass (the engine runs each prompt once)",
+}
+RUNS_INSTEAD = "snapkv, tova, knorm, streaming, random (or any policy whose steps use keys, values, key norms " \
+               "and the attention of the last prompt queries)"
+
+
+class ServeConfig(BaseModel):
+    """kvpolicy's settings in a serving engine (``{"kvpolicy": {...}}``).
+
+    ``policy``: a preset name, a path to a YAML/JSON/TOML policy file, or a policy mapping;
+    ``budget``: overrides the policy's budget (a ratio ``0.2``, a token count ``512`` or a mapping);
+    ``enabled``: False serves without compression (a request can switch its engine's policy off).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str | dict[str, Any] = Field(default="snapkv", description="preset name, policy file or mapping")
+    budget: float | int | dict[str, Any] | None = Field(default=None, description="budget override")
+    enabled: bool = True
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_range(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError(f"a ratio must be in (0, 1]; got {v}")
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"a token count must be >= 1; got {v}")
+        return v
+
+    def key(self) -> str:
+        """A stable string naming these settings (equal settings, equal key)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    def build(self) -> Policy:
+        return load_policy(self.policy, **({} if self.budget is None else {"budget": self.budget}))
+
+
+def parse_serve_config(data: Any, where: str) -> ServeConfig:
+    """``data`` as a :class:`ServeConfig`: a mapping, a JSON string, a preset name, or ``False``/``"off"``.
+
+    Raises:
+        ConfigError: naming ``where`` the settings came from, the bad field and what is allowed.
+    """
+    if isinstance(data, ServeConfig):
+        return data
+    if data is False or (isinstance(data, str) and data.strip().lower() in ("off", "none", "false")):
+        return ServeConfig(enabled=False)
+    if isinstance(data, str):
+        text = data.strip()
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: not valid JSON ({err.msg} at character {err.pos}): {text[:80]!r}") from None
+        else:
+            data = {"policy": text}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{'policy': 'snapkv', 'budget': 0.2}}, a preset "
+                          f"name or 'off'; got {type(data).__name__} {data!r}")
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation(err, prefix=f"{where}: ")) from None
+
+
+@dataclass(frozen=True)
+class ServablePolicy:
+    """A policy a serving engine can run, with what it needs from the engine."""
+
+    config: ServeConfig
+    policy: Policy
+    n_layers: int
+    #: how many of the prompt's last queries the steps look at (0: none); the engine keeps these across chunks
+    query_window: int
+
+    def kept(self, n_tokens: int) -> int:
+        """Entries every layer and head of a request keeps after a prompt of ``n_tokens`` tokens."""
+        budgets = self.policy.layer_budgets(self.n_layers, torch.tensor([n_tokens]))
+        counts = {int(b.total[0]) for b in budgets}
+        if len(counts) != 1:  # check_servable refuses such policies; a guard against a schedule that changed
+            raise ConfigError(f"policy {self.policy.name!r} gives layers different counts {sorted(counts)} at "
+                              f"{n_tokens} tokens; a serving engine needs one count for every layer")
+        return counts.pop()
+
+    def compress(self, layer_idx: int, keys: Tensor, values: Tensor, queries: Tensor | None,
+                 query_pos: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
+        """Compress one layer of one request.
+
+        Args:
+            keys, values: ``[Hkv, L, D]``, the request's entries in position order (post-RoPE keys).
+            queries: ``[H, Q, D]`` post-RoPE, the prompt's last ``Q >= min(query_window, L)`` queries.
+            query_pos: ``[Q]`` long, their positions (the last is ``L - 1``).
+        Returns:
+            keys, values ``[Hkv, K, D]`` with ``K = kept(L)``, in the keys' dtype.
+        """
+        hkv, n, _ = keys.shape
+        k = self.kept(n)
+        positions = torch.arange(n, device=keys.device).expand(1, hkv, n)
+        budget = self.policy.layer_budgets(self.n_layers, torch.tensor([n]))[layer_idx]
+        ctx = ServingContext(
+            layer_idx=layer_idx, n_layers=self.n_layers, phase="prefill", keys=keys[None], values=values[None],
+            positions=positions, valid=torch.ones(1, hkv, n, dtype=torch.bool, device=keys.device),
+            is_image=torch.zeros(1, hkv, n, dtype=torch.bool, device=keys.device), budget=_on(budget, keys.device),
+            scaling=scaling, queries=None if queries is None else queries[None],
+            query_pos=None if query_pos is None else query_pos[None])
+        selection, merged = self.policy.compress(ctx)
+        if merged.bias is not None and not bool((merged.bias == 0).all()):
+            raise StepOutputError(
+                f"merger {self.policy.merger.name!r} returned a logit bias for its merged entries; a serving engine's "
+                f"attention takes no bias: use a merger without one (e.g. 'none', 'average' without bias)",
+                prop="no_bias")
+        if merged.keys.shape[-2] != k or not bool(selection.kept.all()):
+            raise StepOutputError(
+                f"policy {self.policy.name!r} kept {int(selection.kept.sum())} entries in {merged.keys.shape[-2]} slots "
+                f"at layer {layer_idx}; a serving engine needs exactly {k} per head (the layer budget)",
+                prop="exact_size")
+        return merged.keys[0].to(keys.dtype), merged.values[0].to(values.dtype)
+
+
+def _on(budget: LayerBudget, device: torch.device) -> LayerBudget:
+    return LayerBudget(total=budget.total.to(device), sink=budget.sink, recent=budget.recent.to(device),
+                       ratio=budget.ratio, seen=None if budget.seen is None else budget.seen.to(device))
+
+
+class ServingContext(CompressionContext):
+    """The context of a serving engine: the statistics it cannot give are refused, not approximated."""
+
+    def accumulated_attention(self, query_stride: int = 1) -> Tensor:
+        raise ConfigError(_refusal("accumulated_attention", self))
+
+    def max_attention(self) -> Tensor:
+        raise ConfigError(_refusal("max_attention", self))
+
+    def reconstruction_attention(self) -> Tensor:
+        raise ConfigError(_refusal("reconstruction_attention", self))
+
+    def window_attention(self, window: int) -> Tensor:
+        got = 0 if self.queries is None else self.queries.shape[2]
+        need = min(window, self.keys.shape[2])
+        if got < need:
+            raise ConfigError(f"window attention over the last {window} queries needs {need} queries; the serving "
+                              f"engine kept {got} (its query window is set from the policy at start)")
+        return super().window_attention(window)
+
+
+class _Probe(ServingContext):
+    """Dry-run context: records the query windows the steps ask for."""
+
+    windows: list[int]
+
+    def window_attention(self, window: int) -> Tensor:
+        self.windows.append(window)
+        return super().window_attention(window)
+
+
+def _refusal(what: str, ctx: CompressionContext | None = None, step: str = "") -> str:
+    who = f"step {step!r} " if step else ""
+    return (f"{who}needs {_WHY_NOT.get(what, repr(what))}, which a serving engine cannot give; policies that run: "
+            f"{RUNS_INSTEAD}")
+
+
+def check_servable(config: ServeConfig, n_layers: int, where: str = "kvpolicy") -> ServablePolicy:
+    """Build the policy of ``config`` and check that a serving engine can run it as it is.
+
+    Refused (:class:`ConfigError` naming the part, why, and what runs instead): decode rules that act
+    while tokens are generated; layer schedules or per-layer budgets that give layers different counts; steps
+    that observe more than keys, values, key norms and the attention of the last prompt queries; mergers
+    that return a logit bias. A dry run on a small synthetic layer finds the query window the steps use.
+    """
+    try:
+        policy = config.build()
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    name = policy.name
+    rule = policy.decode
+    if type(rule).on_decode is not DecodeRule.on_decode or rule.compacts:
+        raise ConfigError(f"{where}: policy {name!r} uses decode rule {rule.name!r}, which changes the cache while "
+                          f"tokens are generated; a serving engine compresses once, after the prompt: use decode "
+                          f"'none' (runs: {RUNS_INSTEAD})")
+    for step in policy.steps():
+        bad = sorted(step.observations - SERVABLE_OBSERVATIONS)
+        if bad:
+            raise ConfigError(f"{where}: policy {name!r}: " + _refusal(bad[0], step=step.name))
+    if policy.reconstruction() is not None:
+        raise ConfigError(f"{where}: policy {name!r}: " + _refusal("reconstruction_attention"))
+    for n in (64, 1000, 4096, 32768):
+        counts = sorted({int(b.total[0]) for b in policy.layer_budgets(n_layers, torch.tensor([n]))})
+        if len(counts) > 1:
+            raise ConfigError(
+                f"{where}: policy {name!r} gives its {n_layers} layers different budgets ({counts[0]} to "
+                f"{counts[-1]} entries at {n} tokens, layer schedule {policy.schedule.name!r} or per-layer "
+                f"budgets); a serving engine frees whole blocks, so every layer keeps one count: use layers "
+                f"'uniform' and no per-layer budget")
+    window = _probe_window(policy, n_layers, where)
+    return ServablePolicy(config=config, policy=policy, n_layers=n_layers, query_window=window)
+
+
+def _probe_window(policy: Policy, n_layers: int, where: str) -> int:
+    """Run every layer's steps once on a synthetic layer; the largest query window they asked for."""
+    hkv, group, d = 2, 2, 8
+    tokens = policy.budget.tokens or 0
+    n = max(128, 2 * tokens + 64)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, hkv, n, d, generator=gen)
+    values = torch.randn(1, hkv, n, d, generator=gen)
+    queries = torch.randn(1, hkv * group, n, d, generator=gen)
+    budgets = policy.layer_budgets(n_layers, torch.tensor([n]))
+    windows: list[int] = []
+    for i in range(n_layers):
+        ctx = _Probe(layer_idx=i, n_layers=n_layers, phase="prefill", keys=keys, values=values,
+                     positions=torch.arange(n).expand(1, hkv, n), valid=torch.ones(1, hkv, n, dtype=torch.bool),
+                     is_image=torch.zeros(1, hkv, n, dtype=torch.bool), budget=budgets[i], scaling=d ** -0.5,
+                     queries=queries, query_pos=torch.arange(n)[None])
+        ctx.windows = windows
+        try:
+            _, merged = policy.compress(ctx)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: policy {policy.name!r}: {err}") from None
+        if merged.bias is not None and not bool((merged.bias == 0).all()):
+            raise ConfigError(
+                f"{where}: policy {policy.name!r}: merger {policy.merger.name!r} returns a logit bias for merged "
+                f"entries (log of the tokens each stands for); a serving engine's attention takes no bias: use a "
+                f"merger without it (runs: {RUNS_INSTEAD})")
+    return max(windows, default=0)
+
+
+__all__ = ["CONFIG_KEY", "ServeConfig", "ServablePolicy", "ServingContext", "parse_serve_config", "check_servable",
+           "RUNS_INSTEAD", "SERVABLE_OBSERVATIONS"]

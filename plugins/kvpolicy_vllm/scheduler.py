@@ -1,0 +1,170 @@
+"""The scheduler: compressed requests hold ``ceil((kept + generated) / block_size)`` blocks.
+
+``num_computed_tokens`` stays logical (it drives positions, the tokens still to run and the output
+bookkeeping); the KV-block allocation of a compressed request is sized on its physical length (kept entries
+plus tokens since), and its tail blocks go back to the pool once the worker has compacted it. Each step's
+:class:`~kvpolicy_vllm.plan.StepPlan` rides to the worker on the ``SchedulerOutput``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from kvpolicy.serving import ServablePolicy, ServeConfig
+from kvpolicy_vllm import hooks
+from kvpolicy_vllm.plan import Compaction, StepPlan
+
+log = logging.getLogger("kvpolicy.vllm")
+
+
+@dataclass
+class RequestState:
+    settings: ServeConfig
+    servable: ServablePolicy
+    offset: int = 0  # logical minus physical length
+    done: bool = False  # compressed (or found too short) since its blocks were last allocated from scratch
+    pending: Compaction | None = None  # compaction sent to the worker, blocks not yet given back
+
+
+@dataclass
+class Stats:
+    """What the integration did (read them with ``KVPolicyScheduler.stats`` or the engine log)."""
+
+    compressed: int = 0
+    tokens_in: int = 0
+    tokens_kept: int = 0
+    blocks_freed: int = 0
+    peak_blocks_in_use: int = 0
+    peak_running: int = 0
+    events: list[tuple[str, int, int, int]] = field(default_factory=list)  # (request, tokens, kept, freed)
+
+
+class KVPolicyScheduler(Scheduler):
+    """vLLM's scheduler, with compressed requests' KV blocks sized on their physical length."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kv_default = hooks.engine_settings(self.vllm_config) or ServeConfig(enabled=False)
+        self.kv_layers = hooks.n_layers_of(self.vllm_config)
+        self.kv_state: dict[str, RequestState] = {}
+        self.kv_stats = Stats()
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        if len(managers) != 1:
+            raise RuntimeError(f"kvpolicy: {len(managers)} KV-cache groups; compression serves one group (every "
+                               f"layer full attention)")
+        self.kv_manager = managers[0]
+        self.kv_block_size = self.kv_manager.block_size
+        self._wrap_allocation()
+
+    # --- the KV-cache manager sees physical lengths, and never caches a compressed request's blocks
+    def _wrap_allocation(self) -> None:
+        mgr, state = self.kv_cache_manager, self.kv_state
+        allocate, cache = mgr.allocate_slots, mgr.coordinator.cache_blocks
+
+        @wraps(allocate)
+        def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
+            st = state.get(request.request_id)
+            d = st.offset if st is not None else 0
+            if not d:
+                return allocate(request, *args, **kwargs)
+            request.num_computed_tokens -= d
+            try:
+                return allocate(request, *args, **kwargs)
+            finally:
+                request.num_computed_tokens += d
+
+        @wraps(cache)
+        def cache_blocks(request: Any, *args: Any, **kwargs: Any) -> Any:
+            if request.request_id in state:
+                return None  # compacted in place: its blocks must never be shared
+            return cache(request, *args, **kwargs)
+
+        mgr.allocate_slots = allocate_slots
+        mgr.coordinator.cache_blocks = cache_blocks
+
+    # --- request life cycle
+    def add_request(self, request: Any) -> None:
+        params = getattr(request, "sampling_params", None)
+        if params is not None:
+            settings = hooks.request_settings(params, self.kv_default)
+            if settings.enabled:
+                self.kv_state[request.request_id] = RequestState(settings, hooks.servable(settings, self.kv_layers))
+                request.skip_reading_prefix_cache = True
+        super().add_request(request)
+
+    def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        st = self.kv_state.get(request.request_id)
+        if st is not None:  # recomputed from scratch: it will be prefilled and compressed again
+            st.offset, st.done, st.pending = 0, False, None
+        super()._preempt_request(request, *args, **kwargs)
+
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        self.kv_state.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+    # --- each step
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().schedule(*args, **kwargs)
+        plan = StepPlan()
+        for rid in out.num_scheduled_tokens:
+            st = self.kv_state.get(rid)
+            if st is None:
+                continue
+            if st.offset:
+                plan.offsets[rid] = st.offset
+            if st.done:
+                continue
+            req = self.requests[rid]
+            key = st.settings.key()
+            plan.configs.setdefault(key, key)
+            if req.is_prefill_chunk:
+                plan.observe[rid] = key
+                continue
+            st.done = True
+            n = req.num_computed_tokens  # entries in the cache once this step has run
+            kept = st.servable.kept(n)
+            if kept >= n:
+                plan.release.add(rid)
+                continue
+            st.pending = plan.compress[rid] = Compaction(key=key, tokens=n, kept=kept,
+                                                         blocks=-(-kept // self.kv_block_size))
+        out.kvpolicy = plan
+        used = self.kv_cache_manager.block_pool.num_gpu_blocks - self.kv_cache_manager.block_pool.get_num_free_blocks()
+        self.kv_stats.peak_blocks_in_use = max(self.kv_stats.peak_blocks_in_use, used)
+        self.kv_stats.peak_running = max(self.kv_stats.peak_running, len(self.running))
+        return out
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        plan: StepPlan | None = getattr(scheduler_output, "kvpolicy", None)
+        for rid, job in (plan.compress if plan is not None else {}).items():
+            st, req = self.kv_state.get(rid), self.requests.get(rid)
+            if st is None or req is None or st.pending is not job:
+                continue  # finished (blocks already freed) or preempted since
+            st.pending = None
+            st.offset = job.tokens - job.kept
+            self.kv_stats.compressed += 1
+            self.kv_stats.tokens_in += job.tokens
+            self.kv_stats.tokens_kept += job.kept
+            self.kv_stats.blocks_freed += self._give_back(rid, job.blocks)
+            self.kv_stats.events.append((rid, job.tokens, job.kept, self.kv_stats.blocks_freed))
+        return result
+
+    def _give_back(self, rid: str, keep: int) -> int:
+        """Return the request's blocks after the first ``keep`` to the pool; how many went back."""
+        blocks = self.kv_manager.req_to_blocks.get(rid)
+        if not blocks or len(blocks) <= keep:
+            return 0
+        tail = blocks[keep:]
+        del blocks[keep:]
+        self.kv_cache_manager.block_pool.free_blocks(reversed(tail))
+        return len(tail)
+
+    @property
+    def stats(self) -> Stats:
+        return self.kv_stats
