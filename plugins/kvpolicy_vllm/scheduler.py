@@ -41,6 +41,7 @@ class Stats:
     blocks_freed: int = 0
     peak_blocks_in_use: int = 0
     peak_running: int = 0
+    preempted: int = 0  # preemptions of any request (compressed ones are recomputed and compressed again)
     events: list[tuple[str, int, int, int]] = field(default_factory=list)  # (request, tokens, kept, freed)
 
 
@@ -98,6 +99,7 @@ class KVPolicyScheduler(Scheduler):
         super().add_request(request)
 
     def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        self.kv_stats.preempted += 1
         st = self.kv_state.get(request.request_id)
         if st is not None:  # recomputed from scratch: it will be prefilled and compressed again
             st.offset, st.done, st.pending = 0, False, None
