@@ -40,11 +40,12 @@ def run(llm, ids: list[list[int]], kv: dict, max_tokens: int) -> dict:  # noqa: 
     pool = sched.kv_cache_manager.block_pool
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args={"kvpolicy": kv})
     t0 = time.perf_counter()
-    rids = [engine.add_request(f"r{i}-{time.time_ns()}", TokensPrompt(prompt_token_ids=p), sp)
-            for i, p in enumerate(ids)]
+    for i, p in enumerate(ids):
+        engine.add_request(f"r{i}-{time.time_ns()}", TokensPrompt(prompt_token_ids=p), sp)
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     peak_blocks = peak_running = 0
+    preempted0 = sched.stats.preempted
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter()
@@ -56,12 +57,12 @@ def run(llm, ids: list[list[int]], kv: dict, max_tokens: int) -> dict:  # noqa: 
             if o.finished:
                 done[o.request_id] = now
     wall = time.perf_counter() - t0
-    ttft = [first[r] - t0 for r in rids]
-    tpot = [(done[r] - first[r]) / (max_tokens - 1) for r in rids]
+    ttft = [first[r] - t0 for r in done]
+    tpot = [(done[r] - first[r]) / (max_tokens - 1) for r in done]
     return {"wall_s": wall, "requests_per_s": len(ids) / wall, "output_tokens_per_s": len(ids) * max_tokens / wall,
             "peak_blocks": peak_blocks, "peak_running": peak_running, "ttft_mean_s": statistics.mean(ttft),
             "ttft_p50_s": statistics.median(ttft), "ttft_max_s": max(ttft), "tpot_mean_s": statistics.mean(tpot),
-            "preemptions": sum(1 for _ in ())}
+            "preempted": sched.stats.preempted - preempted0}
 
 
 def prefill_seconds(llm, ids: list[int], kv: dict, repeats: int) -> float:  # noqa: ANN001

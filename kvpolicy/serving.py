@@ -62,9 +62,9 @@ class ServeConfig(BaseModel):
     @classmethod
     def _budget_range(cls, v: Any) -> Any:
         if isinstance(v, float) and not 0.0 < v <= 1.0:
-            raise ValueError(f"a ratio must be in (0, 1]; got {v}")
+            raise ValueError("a ratio must be in (0, 1]")
         if isinstance(v, int) and not isinstance(v, bool) and v < 1:
-            raise ValueError(f"a token count must be >= 1; got {v}")
+            raise ValueError("a token count must be >= 1")
         return v
 
     def key(self) -> str:
@@ -100,7 +100,7 @@ def parse_serve_config(data: Any, where: str) -> ServeConfig:
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation(err, prefix=f"{where}: ")) from None
+        raise ConfigError(format_validation(err, prefix=f"{where}: ", allowed=tuple(ServeConfig.model_fields))) from None
 
 
 @dataclass(frozen=True)

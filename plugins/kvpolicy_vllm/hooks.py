@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import wraps
 from typing import Any
@@ -51,6 +52,11 @@ def request_settings(params: Any, default: ServeConfig) -> ServeConfig:
         return default
     own = extra[CONFIG_KEY]
     where = f"SamplingParams.extra_args[{CONFIG_KEY!r}]"
+    if isinstance(own, str) and own.strip().startswith("{"):  # the OpenAI server's vllm_xargs carry a JSON string
+        try:
+            own = json.loads(own)
+        except json.JSONDecodeError:
+            pass  # parse_serve_config names the error
     if isinstance(own, dict) and default.enabled:
         base = default.model_dump(exclude_defaults=False)
         own = {**base, **own}
