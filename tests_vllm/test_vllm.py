@@ -176,3 +176,27 @@ def test_request_refused_when_it_arrives(llm, prompts) -> None:  # noqa: ANN001
         _run(llm, prompts[:1], {"polcy": "snapkv"})
     # the engine still serves after a refusal
     assert len(_run(llm, prompts[:1], {"policy": "streaming", "budget": 0.5})[0][0]) == N_OUT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [32, 128])
+def test_cache_packing_is_learned_and_round_trips(dtype, block) -> None:  # noqa: ANN001
+    """Entries written with the backend's op into a request's blocks read back exactly (fp32 and bf16 packings),
+    and land only in the slots asked for."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kvpolicy_vllm.layout import BlockLayout
+
+    hkv, d = 3, 64
+    layer = SimpleNamespace(isa=_get_attn_isa(dtype, block, d, "auto"), _k_scale_float=1.0, _v_scale_float=1.0)
+    impl = SimpleNamespace(kv_cache_dtype="auto")
+    cache = torch.zeros(8, hkv, block, 2 * d, dtype=dtype)
+    lay = BlockLayout.probe(layer, impl, cache)
+    blocks, k = [5, 2, 7], 2 * block + 9
+    keys, values = torch.randn(hkv, k, d).to(dtype), torch.randn(hkv, k, d).to(dtype)
+    lay.write(layer, impl, cache, blocks, keys, values)
+    rk, rv = lay.read(cache, blocks, k)
+    assert torch.equal(rk, keys) and torch.equal(rv, values)
+    assert cache[[0, 1, 3, 4, 6]].abs().sum() == 0  # other blocks untouched
