@@ -127,11 +127,12 @@ class ServablePolicy:
         """Compress one layer of one request.
 
         Args:
-            keys, values: ``[Hkv, L, D]``, the request's entries in position order (post-RoPE keys).
+            keys: ``[Hkv, L, D]``, the request's keys in position order (post-RoPE).
+            values: ``[Hkv, L, D]``, its values.
             queries: ``[H, Q, D]`` post-RoPE, the prompt's last ``Q >= min(query_window, L)`` queries.
             query_pos: ``[Q]`` long, their positions (the last is ``L - 1``).
         Returns:
-            keys, values ``[Hkv, K, D]`` with ``K = kept(L)``, in the keys' dtype.
+            The kept keys and values, ``[Hkv, K, D]`` each with ``K = kept(L)``, in the input dtypes.
         """
         hkv, n, _ = keys.shape
         k = self.kept(n)
