@@ -134,22 +134,15 @@ class ServablePolicy:
         Returns:
             The kept keys and values, ``[Hkv, K, D]`` each with ``K = kept(L)``, in the input dtypes.
         """
-        hkv, n, _ = keys.shape
+        n = keys.shape[1]
         k = self.kept(n)
-        positions = torch.arange(n, device=keys.device).expand(1, hkv, n)
         budget = self.policy.layer_budgets(self.n_layers, torch.tensor([n]))[layer_idx]
-        ctx = ServingContext(
-            layer_idx=layer_idx, n_layers=self.n_layers, phase="prefill", keys=keys[None], values=values[None],
-            positions=positions, valid=torch.ones(1, hkv, n, dtype=torch.bool, device=keys.device),
-            is_image=torch.zeros(1, hkv, n, dtype=torch.bool, device=keys.device), budget=_on(budget, keys.device),
-            scaling=scaling, queries=None if queries is None else queries[None],
-            query_pos=None if query_pos is None else query_pos[None])
+        ctx = _layer_context(ServingContext, layer_idx, self.n_layers, keys[None], values[None], budget, scaling,
+                             None if queries is None else queries[None],
+                             None if query_pos is None else query_pos[None])
         selection, merged = self.policy.compress(ctx)
-        if merged.bias is not None and not bool((merged.bias == 0).all()):
-            raise StepOutputError(
-                f"merger {self.policy.merger.name!r} returned a logit bias for its merged entries; a serving engine's "
-                f"attention takes no bias: use a merger without one (e.g. 'none', 'average' without bias)",
-                prop="no_bias")
+        if _has_bias(merged):
+            raise StepOutputError(_bias_refusal(self.policy), prop="no_bias")
         if merged.keys.shape[-2] != k or not bool(selection.kept.all()):
             raise StepOutputError(
                 f"policy {self.policy.name!r} kept {int(selection.kept.sum())} entries in {merged.keys.shape[-2]} slots "
@@ -158,22 +151,44 @@ class ServablePolicy:
         return merged.keys[0].to(keys.dtype), merged.values[0].to(values.dtype)
 
 
-def _on(budget: LayerBudget, device: torch.device) -> LayerBudget:
-    return LayerBudget(total=budget.total.to(device), sink=budget.sink, recent=budget.recent.to(device),
-                       ratio=budget.ratio, seen=None if budget.seen is None else budget.seen.to(device))
+def _layer_context(cls: type[CompressionContext], layer_idx: int, n_layers: int, keys: Tensor, values: Tensor,
+                   budget: LayerBudget, scaling: float, queries: Tensor | None, query_pos: Tensor | None
+                   ) -> CompressionContext:
+    """The context of one request's prefill: ``keys``/``values`` ``[1, Hkv, S, D]``, entries at positions
+    ``0 .. S-1``, all valid and text; ``queries [1, H, Q, D]`` at ``query_pos [1, Q]``."""
+    _, hkv, n, _ = keys.shape
+    dev = keys.device
+    if budget.total.device != dev:
+        budget = LayerBudget(total=budget.total.to(dev), sink=budget.sink, recent=budget.recent.to(dev),
+                             ratio=budget.ratio, seen=None if budget.seen is None else budget.seen.to(dev))
+    return cls(layer_idx=layer_idx, n_layers=n_layers, phase="prefill", keys=keys, values=values,
+               positions=torch.arange(n, device=dev).expand(1, hkv, n),
+               valid=torch.ones(1, hkv, n, dtype=torch.bool, device=dev),
+               is_image=torch.zeros(1, hkv, n, dtype=torch.bool, device=dev), budget=budget, scaling=scaling,
+               queries=queries, query_pos=query_pos)
+
+
+def _has_bias(merged: Any) -> bool:
+    return merged.bias is not None and not bool((merged.bias == 0).all())
+
+
+def _bias_refusal(policy: Policy) -> str:
+    return (f"policy {policy.name!r}: merger {policy.merger.name!r} returns a logit bias for merged entries (the log "
+            f"of the tokens each stands for); a serving engine's attention takes no bias: use a merger without it "
+            f"(runs: {RUNS_INSTEAD})")
 
 
 class ServingContext(CompressionContext):
     """The context of a serving engine: the statistics it cannot give are refused, not approximated."""
 
     def accumulated_attention(self, query_stride: int = 1) -> Tensor:
-        raise ConfigError(_refusal("accumulated_attention", self))
+        raise ConfigError(_refusal("accumulated_attention"))
 
     def max_attention(self) -> Tensor:
-        raise ConfigError(_refusal("max_attention", self))
+        raise ConfigError(_refusal("max_attention"))
 
     def reconstruction_attention(self) -> Tensor:
-        raise ConfigError(_refusal("reconstruction_attention", self))
+        raise ConfigError(_refusal("reconstruction_attention"))
 
     def window_attention(self, window: int) -> Tensor:
         got = 0 if self.queries is None else self.queries.shape[2]
@@ -194,7 +209,7 @@ class _Probe(ServingContext):
         return super().window_attention(window)
 
 
-def _refusal(what: str, ctx: CompressionContext | None = None, step: str = "") -> str:
+def _refusal(what: str, step: str = "") -> str:
     who = f"step {step!r} " if step else ""
     return (f"{who}needs {_WHY_NOT.get(what, repr(what))}, which a serving engine cannot give; policies that run: "
             f"{RUNS_INSTEAD}")
@@ -248,20 +263,14 @@ def _probe_window(policy: Policy, n_layers: int, where: str) -> int:
     budgets = policy.layer_budgets(n_layers, torch.tensor([n]))
     windows: list[int] = []
     for i in range(n_layers):
-        ctx = _Probe(layer_idx=i, n_layers=n_layers, phase="prefill", keys=keys, values=values,
-                     positions=torch.arange(n).expand(1, hkv, n), valid=torch.ones(1, hkv, n, dtype=torch.bool),
-                     is_image=torch.zeros(1, hkv, n, dtype=torch.bool), budget=budgets[i], scaling=d ** -0.5,
-                     queries=queries, query_pos=torch.arange(n)[None])
+        ctx = _layer_context(_Probe, i, n_layers, keys, values, budgets[i], d ** -0.5, queries, torch.arange(n)[None])
         ctx.windows = windows
         try:
             _, merged = policy.compress(ctx)
         except ConfigError as err:
             raise ConfigError(f"{where}: policy {policy.name!r}: {err}") from None
-        if merged.bias is not None and not bool((merged.bias == 0).all()):
-            raise ConfigError(
-                f"{where}: policy {policy.name!r}: merger {policy.merger.name!r} returns a logit bias for merged "
-                f"entries (log of the tokens each stands for); a serving engine's attention takes no bias: use a "
-                f"merger without it (runs: {RUNS_INSTEAD})")
+        if _has_bias(merged):
+            raise ConfigError(f"{where}: {_bias_refusal(policy)}")
     return max(windows, default=0)
 
 

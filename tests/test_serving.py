@@ -89,3 +89,11 @@ def test_settings_forms_and_errors() -> None:
         parse_serve_config("{policy: snapkv}", "x")
     with pytest.raises(ConfigError, match="unknown preset 'snapk'"):
         check_servable(parse_serve_config({"policy": "snapk"}, "x"), LAYERS)
+
+
+def test_a_merger_with_a_logit_bias_is_refused() -> None:
+    """The dry run sees the mass-preserving merger's log-multiplicity bias, which vLLM's attention cannot apply."""
+    with pytest.raises(ConfigError, match="merger 'mass' returns a logit bias"):
+        check_servable(parse_serve_config({"policy": {"scorer": "knorm", "merger": {"name": "mass", "weights": "count"},
+                                                          "budget": 0.2}}, "t"),
+                       LAYERS)

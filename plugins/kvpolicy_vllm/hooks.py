@@ -95,8 +95,8 @@ def check_engine(vllm_config: Any) -> ServeConfig | None:
     if getattr(hf, "sliding_window", None) or kinds != {"full_attention"}:
         refuse(f"a model with sliding-window or mixed layers ({sorted(kinds)})", "serve a model whose layers all use "
                "full attention (e.g. Llama, Qwen2)")
-    if sched.scheduler_cls not in (None, SCHEDULER) and "vllm." not in str(sched.scheduler_cls):
-        refuse(f"a custom scheduler_cls={sched.scheduler_cls!r}", "leave scheduler_cls unset")
+    if sched.scheduler_cls not in (None, SCHEDULER):
+        refuse(f"scheduler_cls={sched.scheduler_cls!r} (kvpolicy brings its own scheduler)", "leave scheduler_cls unset")
     sched.scheduler_cls = SCHEDULER
     if settings.enabled:
         p = servable(settings, n_layers).policy

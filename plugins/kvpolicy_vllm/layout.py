@@ -40,6 +40,21 @@ class BlockLayout:
     block_size: int
     head_dim: int
 
+    def __post_init__(self) -> None:
+        self._strides = {"key": self._affine(self.key_at), "value": self._affine(self.value_at)}
+
+    def _affine(self, at: Tensor) -> tuple[int, int, int, int] | None:
+        """``(offset, head stride, token stride, dim stride)`` when the packing is a plain strided layout (then a
+        read is one strided copy instead of a gather), else None (e.g. VNNI tiles)."""
+        a = at.view(self.kv_heads, self.block_size, self.head_dim)
+        base = int(a[0, 0, 0])
+        sh = int(a[1, 0, 0]) - base if self.kv_heads > 1 else 0
+        st = int(a[0, 1, 0]) - base if self.block_size > 1 else 0
+        sd = int(a[0, 0, 1]) - base if self.head_dim > 1 else 0
+        h, t, d = (torch.arange(n).view(*shape) for n, shape in
+                   ((self.kv_heads, (-1, 1, 1)), (self.block_size, (1, -1, 1)), (self.head_dim, (1, 1, -1))))
+        return (base, sh, st, sd) if torch.equal(a, base + h * sh + t * st + d * sd) else None
+
     @classmethod
     def probe(cls, layer: Any, impl: Any, kv_cache: Tensor) -> BlockLayout:
         _, hkv, bs, d2 = kv_cache.shape
@@ -77,11 +92,17 @@ class BlockLayout:
         ids = torch.tensor(block_ids[:nb], dtype=torch.long)
         flat = kv_cache.index_select(0, ids).reshape(nb, -1)
 
-        def unpack(at: Tensor) -> Tensor:
-            x = flat[:, at].view(nb, self.kv_heads, self.block_size, self.head_dim)
+        def unpack(kind: str, at: Tensor) -> Tensor:
+            shape = (nb, self.kv_heads, self.block_size, self.head_dim)
+            strided = self._strides[kind]
+            if strided is None:
+                x = flat[:, at].view(shape)
+            else:
+                base, sh, st, sd = strided
+                x = flat.as_strided(shape, (flat.shape[1], sh, st, sd), flat.storage_offset() + base)
             return x.transpose(0, 1).reshape(self.kv_heads, nb * self.block_size, self.head_dim)[:, :n]
 
-        return unpack(self.key_at), unpack(self.value_at)
+        return unpack("key", self.key_at), unpack("value", self.value_at)
 
     def write(self, layer: Any, impl: Any, kv_cache: Tensor, block_ids: list[int], keys: Tensor,
               values: Tensor) -> None:

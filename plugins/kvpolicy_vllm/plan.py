@@ -25,7 +25,5 @@ class StepPlan:
     observe: dict[str, str] = field(default_factory=dict)
     #: requests whose prefill ends in this step and that compress
     compress: dict[str, Compaction] = field(default_factory=dict)
-    #: settings by key, for the worker to build the policies it has not seen
-    configs: dict[str, str] = field(default_factory=dict)
     #: requests whose prefill ended in this step without compressing (shorter than their budget)
     release: set[str] = field(default_factory=set)

@@ -123,7 +123,6 @@ class KVPolicyScheduler(Scheduler):
                 continue
             req = self.requests[rid]
             key = st.settings.key()
-            plan.configs.setdefault(key, key)
             if req.is_prefill_chunk:
                 plan.observe[rid] = key
                 continue

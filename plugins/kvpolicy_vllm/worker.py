@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
@@ -24,6 +27,7 @@ from kvpolicy_vllm import hooks
 from kvpolicy_vllm.layout import BlockLayout
 from kvpolicy_vllm.plan import Compaction, StepPlan
 
+log = logging.getLogger("kvpolicy.vllm")
 _ACTIVE: WorkerState | None = None  # the runner whose forward is running (one per worker process)
 
 
@@ -36,13 +40,13 @@ class Job:
     block_ids: list[int]
     servable: ServablePolicy
     compaction: Compaction | None  # None: a prefill chunk, keep its last queries
+    seconds: float = 0.0  # spent compressing this request, all layers
 
 
 @dataclass
 class WorkerState:
     n_layers: int
     layer_index: dict[str, int]
-    servable: dict[str, ServablePolicy] = field(default_factory=dict)
     queries: dict[tuple[str, int], tuple[Tensor, int]] = field(default_factory=dict)  # (req, layer) -> ([Q,H,D], pos0)
     cuts: dict[str, int] = field(default_factory=dict)  # req -> blocks kept, applied before the next step
     layouts: dict[tuple[Any, ...], BlockLayout] = field(default_factory=dict)
@@ -50,9 +54,8 @@ class WorkerState:
     compacted: int = 0
 
     def policy(self, key: str) -> ServablePolicy:
-        if key not in self.servable:
-            self.servable[key] = hooks.servable(parse_serve_config(key, "kvpolicy"), self.n_layers)
-        return self.servable[key]
+        """The request's policy from its settings key (built once per process, see hooks.servable)."""
+        return hooks.servable(parse_serve_config(key, "kvpolicy"), self.n_layers)
 
     def drop(self, req_ids: set[str]) -> None:
         if not req_ids:
@@ -68,7 +71,15 @@ class WorkerState:
         if li is None:
             return
         for job in self.jobs:
+            t0 = time.perf_counter()
             self._layer(job, li, impl, layer, query, kv_cache)
+            job.seconds += time.perf_counter() - t0
+            if li == self.n_layers - 1 and job.compaction is not None:
+                c = job.compaction
+                log.debug("kvpolicy: request %s: %d -> %d entries per layer and head in %.1f ms (%d layers)",
+                          job.req_id, c.tokens, c.kept, 1000 * job.seconds, self.n_layers)
+                if os.environ.get("KVPOLICY_VLLM_TIMING"):
+                    print(f"KVTIMING {c.tokens} {c.kept} {1000 * job.seconds:.1f}", flush=True)
 
     def _layer(self, job: Job, li: int, impl: Any, layer: Any, query: Tensor, kv_cache: Tensor) -> None:
         w = job.servable.query_window
@@ -152,11 +163,13 @@ def _begin_step(runner: Any, st: WorkerState, so: Any, plan: StepPlan) -> None:
         batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
     jobs = []
     for rid in list(plan.observe) + list(plan.compress):
+        servable = st.policy(plan.compress[rid].key if rid in plan.compress else plan.observe[rid])
+        if rid not in plan.compress and not servable.query_window:
+            continue  # a prefill chunk of a policy that looks at no queries: nothing to keep
         row = batch.req_id_to_index[rid]
-        key = plan.compress[rid].key if rid in plan.compress else plan.observe[rid]
         jobs.append(Job(req_id=rid, start=int(qsl[row]), end=int(qsl[row + 1]),
                         first_pos=int(batch.num_computed_tokens_cpu[row]), block_ids=runner.requests[rid].block_ids[0],
-                        servable=st.policy(key), compaction=plan.compress.get(rid)))
+                        servable=servable, compaction=plan.compress.get(rid)))
     st.drop(plan.release)
     st.jobs = jobs
     _ACTIVE = st if jobs else None
