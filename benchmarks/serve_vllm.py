@@ -65,17 +65,19 @@ def run(llm, ids: list[list[int]], kv: dict, max_tokens: int) -> dict:  # noqa: 
             "preempted": sched.stats.preempted - preempted0}
 
 
-def prefill_seconds(llm, ids: list[int], kv: dict, repeats: int) -> float:  # noqa: ANN001
+def prefill_seconds(llm, ids: list[int], configs: list[dict], repeats: int) -> list[float]:  # noqa: ANN001
+    """Median time of one prefill alone (``max_tokens=1``) per configuration, the configurations interleaved."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(max_tokens=1, temperature=0, extra_args={"kvpolicy": kv})
-    times = []
+    times: list[list[float]] = [[] for _ in configs]
     for _ in range(repeats):
-        t = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for i, kv in enumerate(configs):
+            sp = SamplingParams(max_tokens=1, temperature=0, extra_args={"kvpolicy": kv})
+            t = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -86,7 +88,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=72, help="KV blocks in the pool (128 tokens each)")
     ap.add_argument("--policy", default="snapkv")
     ap.add_argument("--budgets", default="1.0,0.5,0.2")
-    ap.add_argument("--repeats", type=int, default=3, help="prefill-overhead repeats")
+    ap.add_argument("--repeats", type=int, default=7, help="prefill-overhead repeats")
     ap.add_argument("--out", default="bench-results/serve")
     a = ap.parse_args()
 
@@ -112,8 +114,8 @@ def main() -> None:
         r["config"] = name
         rows.append(r)
         print(json.dumps(r), flush=True)
-    plain_p = prefill_seconds(llm, ids[0], {"enabled": False}, a.repeats)
-    comp_p = prefill_seconds(llm, ids[0], {"policy": a.policy, "budget": 0.2}, a.repeats)
+    plain_p, comp_p = prefill_seconds(llm, ids[0], [{"enabled": False}, {"policy": a.policy, "budget": 0.2}],
+                                      a.repeats)
     overhead = {"prefill_plain_s": plain_p, "prefill_compressed_s": comp_p,
                 "overhead_pct": 100 * (comp_p - plain_p) / plain_p}
     print(json.dumps(overhead), flush=True)

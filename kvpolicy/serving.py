@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
+from kvpolicy import tracing
 from kvpolicy.config import format_validation, load_policy
 from kvpolicy.errors import ConfigError, StepOutputError
 from kvpolicy.policy import CompressionContext, DecodeRule, LayerBudget, Policy
@@ -140,7 +141,15 @@ class ServablePolicy:
         ctx = _layer_context(ServingContext, layer_idx, self.n_layers, keys[None], values[None], budget, scaling,
                              None if queries is None else queries[None],
                              None if query_pos is None else query_pos[None])
-        selection, merged = self.policy.compress(ctx)
+        p = self.policy
+        ev = tracing.CompressionEvent(layer=layer_idx, phase="prefill", policy=p.name, scorer=p.scorer.name,
+                                      merger=p.merger.name, tokens_in=n, bytes_before=2 * keys.numel() * keys.element_size())
+        with tracing.compress_span(ev):  # the same span and metrics as the transformers cache's
+            selection, merged = p.compress(ctx)
+            ev.tokens_kept, ev.tokens_merged = k, int(merged.merged)
+            ev.tokens_dropped = n - k - ev.tokens_merged
+            ev.bytes_after = ev.bytes_before * k // n
+            ev.figures = dict(ctx.figures)
         if _has_bias(merged):
             raise StepOutputError(_bias_refusal(self.policy), prop="no_bias")
         if merged.keys.shape[-2] != k or not bool(selection.kept.all()):

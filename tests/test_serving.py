@@ -97,3 +97,22 @@ def test_a_merger_with_a_logit_bias_is_refused() -> None:
         check_servable(parse_serve_config({"policy": {"scorer": "knorm", "merger": {"name": "mass", "weights": "count"},
                                                           "budget": 0.2}}, "t"),
                        LAYERS)
+
+
+def test_each_layer_is_traced_like_the_transformers_cache(monkeypatch) -> None:  # noqa: ANN001
+    from kvpolicy import tracing
+
+    seen = []
+    real = tracing.compress_span
+
+    def spy(ev):  # noqa: ANN001, ANN202
+        seen.append(ev)
+        return real(ev)
+
+    monkeypatch.setattr(tracing, "compress_span", spy)
+    s = _servable("snapkv")
+    keys, values, queries = _layer(300)
+    s.compress(4, keys, values, queries[:, -32:], torch.arange(268, 300), 0.25)
+    (ev,) = seen
+    assert (ev.layer, ev.policy, ev.tokens_in, ev.tokens_kept, ev.tokens_dropped) == (4, "snapkv", 300, 60, 240)
+    assert ev.bytes_after * 5 == ev.bytes_before and ev.seconds > 0

@@ -38,9 +38,11 @@ def n_layers_of(vllm_config: Any) -> int:
 
 
 def servable(config: ServeConfig, n_layers: int, where: str = "kvpolicy") -> ServablePolicy:
-    """:func:`check_servable`, once per distinct settings."""
+    """:func:`check_servable`, once per distinct settings (the last 256 kept: requests may each bring their own)."""
     key = (config.key(), n_layers)
     if key not in _servable:
+        if len(_servable) >= 256:
+            _servable.pop(next(iter(_servable)))
         _servable[key] = check_servable(config, n_layers, where)
     return _servable[key]
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from functools import wraps
@@ -78,8 +77,6 @@ class WorkerState:
                 c = job.compaction
                 log.debug("kvpolicy: request %s: %d -> %d entries per layer and head in %.1f ms (%d layers)",
                           job.req_id, c.tokens, c.kept, 1000 * job.seconds, self.n_layers)
-                if os.environ.get("KVPOLICY_VLLM_TIMING"):
-                    print(f"KVTIMING {c.tokens} {c.kept} {1000 * job.seconds:.1f}", flush=True)
 
     def _layer(self, job: Job, li: int, impl: Any, layer: Any, query: Tensor, kv_cache: Tensor) -> None:
         w = job.servable.query_window
