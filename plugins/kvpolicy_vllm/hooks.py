@@ -127,6 +127,27 @@ def _wrap_create_engine_config() -> None:
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
 
 
+def refused_request_error() -> type[ConfigError]:
+    """kvpolicy's :class:`ConfigError` that is also vLLM's ``VLLMValidationError``: the OpenAI server answers it
+    with 400 and kvpolicy's message (a plain ValueError from the async engine becomes an empty 500)."""
+    global _RequestRefused
+    if _RequestRefused is None:
+        from vllm.exceptions import VLLMValidationError
+
+        class RequestRefused(ConfigError, VLLMValidationError):
+            def __init__(self, message: str) -> None:
+                VLLMValidationError.__init__(self, message, parameter=f"extra_args.{CONFIG_KEY}")
+
+            def __str__(self) -> str:
+                return str(self.args[0]) if self.args else ""
+
+        _RequestRefused = RequestRefused
+    return _RequestRefused
+
+
+_RequestRefused: type[ConfigError] | None = None
+
+
 def _wrap_validate_params() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -138,7 +159,10 @@ def _wrap_validate_params() -> None:
     def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
         extra = getattr(params, "extra_args", None) or {}
         if CONFIG_KEY in extra:
-            check_request(self.vllm_config, params)
+            try:
+                check_request(self.vllm_config, params)
+            except ConfigError as err:
+                raise refused_request_error()(str(err)) from None
         return orig(self, params, *args, **kwargs)
 
     _validate_params._kvpolicy = True  # type: ignore[attr-defined]
