@@ -16,7 +16,7 @@ Nothing here imports an engine or ``transformers``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -113,15 +113,22 @@ class ServablePolicy:
     n_layers: int
     #: how many of the prompt's last queries the steps look at (0: none); the engine keeps these across chunks
     query_window: int
+    _kept: dict[int, int] = field(default_factory=dict, repr=False, compare=False)  # tokens -> kept, memoised
 
     def kept(self, n_tokens: int) -> int:
         """Entries every layer and head of a request keeps after a prompt of ``n_tokens`` tokens."""
+        hit = self._kept.get(n_tokens)
+        if hit is not None:
+            return hit
         budgets = self.policy.layer_budgets(self.n_layers, torch.tensor([n_tokens]))
         counts = {int(b.total[0]) for b in budgets}
         if len(counts) != 1:  # check_servable refuses such policies; a guard against a schedule that changed
             raise ConfigError(f"policy {self.policy.name!r} gives layers different counts {sorted(counts)} at "
                               f"{n_tokens} tokens; a serving engine needs one count for every layer")
-        return counts.pop()
+        if len(self._kept) > 4096:
+            self._kept.clear()
+        self._kept[n_tokens] = counts.pop()
+        return self._kept[n_tokens]
 
     def compress(self, layer_idx: int, keys: Tensor, values: Tensor, queries: Tensor | None,
                  query_pos: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
