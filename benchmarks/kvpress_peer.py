@@ -33,7 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path(os.environ.get("KVPOLICY_CACHE", Path.home() / ".cache" / "kvpolicy")) / "smollm2-135m-instruct"
-PRESSES = ("snapkv", "streaming", "knorm", "tova", "expected-attention", "pyramidkv", "kvzip")
+PRESSES = ("snapkv", "streaming", "knorm", "tova", "expected-attention", "pyramidkv", "kvzip", "adakv-snapkv",
+           "adakv-expected-attention")
 
 
 def load_metrics() -> Any:
@@ -56,6 +57,9 @@ def make_press(name: str, budget: float) -> Any:
         "expected-attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
         "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio),
         "kvzip": lambda: kvpress.KVzipPress(compression_ratio=ratio),
+        # AdaKV (kvpress's defaults: alpha_safeguard 0.20) masks what it evicts: the memory stays allocated
+        "adakv-snapkv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
+        "adakv-expected-attention": lambda: kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
     }
     if name not in table:
         raise SystemExit(f"unknown press {name!r}; allowed: {', '.join(table)}")

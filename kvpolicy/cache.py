@@ -33,10 +33,55 @@ class ForwardInfo:
     is_image: Tensor | None = None  # [B, q] bool
 
 
+PER_ENTRY = ("keys", "values", "positions", "valid", "is_image", "bias", "mult", "acc")
+_PAD_FILL = {"mult": 1.0}  # padding slots of a ragged layer's dense view (valid False; others 0)
+
+
+class _Entry:
+    """A per-entry tensor of a layer: stored dense, or (ragged layer) a padded dense view of its heads.
+
+    Assigning one on a ragged layer first joins the heads back into dense storage.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        if obj.__dict__.get("heads") is not None:
+            return obj.padded(self.name)
+        return obj.__dict__.get(self.slot)
+
+    def __set__(self, obj: Any, value: Tensor | None) -> None:
+        if obj.__dict__.get("heads") is not None:
+            obj.join_heads()
+        obj.__dict__[self.slot] = value
+
+
 class KVPolicyLayer(DynamicLayer):
-    """One layer's compressed cache. Metadata tensors are ``[B, Hkv, S]``."""
+    """One layer's compressed cache. Metadata tensors are ``[B, Hkv, S]``.
+
+    Storage is dense (every KV head holds ``S`` slots) until a selection keeps different counts per head
+    (adaptive allocation): the layer then becomes *ragged*, ``heads`` holding one single-head layer
+    ``[B, 1, S_h, D]`` per KV head with only its own entries (rows of a batch padded to the head's longest
+    row), so the bytes held are the entries kept. The per-entry attributes stay readable as a padded dense
+    view (built on each access: for compression events and reports, not for decoding); appends, crops and
+    attention (:func:`kvpolicy.integrate.ragged_sdpa`) work head by head.
+    """
+
+    keys = _Entry()
+    values = _Entry()
+    positions = _Entry()
+    valid = _Entry()
+    is_image = _Entry()
+    bias = _Entry()
+    mult = _Entry()
+    acc = _Entry()
 
     def __init__(self, layer_idx: int) -> None:
+        self.__dict__["heads"] = None
+        self.heads: list[KVPolicyLayer] | None = None
         super().__init__()
         self.layer_idx = layer_idx
         self.positions: Tensor | None = None
@@ -59,6 +104,7 @@ class KVPolicyLayer(DynamicLayer):
         self.state: dict[str, Any] = {}
         self.events: list[tracing.CompressionEvent] = []
         self._buffers: dict[str, Tensor] = {}  # per-entry storage with spare room (see _extend)
+        self.alloc_key: Tensor | None = None  # [B, Hkv, S] first-stage allocation keys (layer-pooling selectors)
 
     # --- transformers layer API
     def get_seq_length(self) -> int:
@@ -69,16 +115,120 @@ class KVPolicyLayer(DynamicLayer):
 
     @property
     def physical_length(self) -> int:
-        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+        """Slots per (row, KV head); for a ragged layer, those of its longest head."""
+        if self.heads is not None:
+            return max(h.physical_length for h in self.heads)
+        k = self.__dict__.get("_keys")
+        return 0 if k is None or k.numel() == 0 else k.shape[-2]
+
+    def dims(self) -> tuple[int, int, int, int]:
+        """``(batch, kv_heads, head_dim, bytes per element)`` without building a dense view."""
+        if self.heads is not None:
+            b, _, _, d = self.heads[0].keys.shape
+            return b, len(self.heads), d, self.heads[0].keys.element_size()
+        b, h, _, d = self.keys.shape
+        return b, h, d, self.keys.element_size()
 
     def reset(self) -> None:
+        self.__dict__["heads"] = None
         self.__init__(self.layer_idx)
 
     def _per_entry(self) -> list[str]:
-        return ["keys", "values", "positions", "valid", "is_image", "bias", "mult", "acc"]
+        return list(PER_ENTRY)
+
+    # --- ragged storage (adaptive allocation)
+    def padded(self, name: str) -> Tensor | None:
+        """Dense view ``[B, Hkv, S_max, ...]`` of a ragged layer's per-entry tensor ``name`` (a copy)."""
+        heads = self.heads
+        parts = [h.__dict__.get("_" + name) for h in heads]
+        if all(p is None for p in parts):
+            return None
+        ref = next(p for p in parts if p is not None)
+        smax = max(h.physical_length for h in heads)
+        out = []
+        for h, p in zip(heads, parts):
+            n = h.physical_length
+            shape = list(ref.shape)
+            shape[2] = n
+            if p is None:  # an optional tensor another head has (bias, mult, acc): its neutral value
+                p = ref.new_full(shape, _PAD_FILL.get(name, 0.0))
+            if n < smax:
+                shape[2] = smax - n
+                p = torch.cat([p, ref.new_full(shape, _PAD_FILL.get(name, 0.0))], dim=2)
+            out.append(p)
+        return torch.cat(out, dim=1)
+
+    def join_heads(self) -> None:
+        """Back to dense storage: every head padded to the longest one (padding slots invalid)."""
+        if self.heads is None:
+            return
+        dense = {name: self.padded(name) for name in PER_ENTRY}
+        self.__dict__["heads"] = None
+        self.__dict__.update({"_" + name: t for name, t in dense.items()})
+        self._buffers = {}
+
+    def split_heads(self) -> bool:
+        """Store each KV head apart, holding only its valid entries, if that frees memory; returns
+        whether the layer is ragged now. Valid entries keep their order; invalid ones are dropped."""
+        valid = self.valid
+        if self.heads is not None or valid is None or valid.shape[1] == 1 or valid.shape[-1] == 0:
+            return self.heads is not None
+        need = valid.sum(-1).amax(0)  # [Hkv]: slots each head needs (its longest row)
+        if int(need.min()) == int(need.max()):
+            return False
+        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices  # valid first, in order
+        dense = {name: self.__dict__.get("_" + name) for name in PER_ENTRY}
+        heads = []
+        for i, n in enumerate(need.tolist()):
+            sub = KVPolicyLayer(self.layer_idx)
+            sub.is_initialized, sub.device = True, self.device
+            idx = order[:, i:i + 1, :n]
+            for name, t in dense.items():
+                if t is not None:
+                    sub.__dict__["_" + name] = ops.gather_seq(t[:, i:i + 1], idx).contiguous()
+            sub.n_seen, sub.n_before, sub.scaling = self.n_seen, self.n_before, self.scaling
+            heads.append(sub)
+        for name in PER_ENTRY:
+            self.__dict__["_" + name] = None
+        self.__dict__["heads"] = heads
+        self._buffers = {}
+        return True
+
+    def holds(self, key: Tensor) -> bool:
+        """Whether ``key`` is what :meth:`handles` gave the model for this layer's attention."""
+        return key is self.handles()[0]
+
+    def handles(self) -> tuple[Tensor, Tensor]:
+        """What ``Cache.update`` returns to the model: the dense keys/values, or (ragged) the first head's
+        (the kvpolicy attention reads the heads from the layer itself)."""
+        if self.heads is not None:
+            return self.heads[0].keys, self.heads[0].values
+        return self.keys, self.values
+
+    def valid_tail(self, n: int) -> Tensor:
+        """Validity ``[B, n]`` of the last ``n`` tokens appended (the same in every head)."""
+        src = self.heads[0] if self.heads is not None else self
+        return src.valid[:, 0, -n:]
+
+    def accumulate(self, query: Tensor, scaling: float) -> None:
+        """Add one decode query's attention ``query [B, H, 1, D]`` to the accumulated statistic ``acc``."""
+        if self.heads is not None:
+            g = query.shape[1] // len(self.heads)
+            for i, h in enumerate(self.heads):
+                h.accumulate(query[:, i * g:(i + 1) * g], scaling)
+            return
+        if self.acc is None:
+            return
+        qpos = torch.full((query.shape[0], query.shape[2]), self.n_seen - 1, device=query.device)
+        self.acc = self.acc + observe.attention_colsum(
+            query, self.keys, scaling=scaling, query_pos=qpos, key_pos=self.positions,
+            key_bias=_bias_with_validity(self))
 
     def _map_batch(self, fn) -> None:  # noqa: ANN001
-        for name in self._per_entry() + ["qbuf", "qbuf_pos"]:
+        if self.heads is not None:
+            for h in self.heads:
+                h._map_batch(fn)
+        for name in ["qbuf", "qbuf_pos"] if self.heads is not None else self._per_entry() + ["qbuf", "qbuf_pos"]:
             t = getattr(self, name)
             if t is not None and t.numel() > 0:
                 setattr(self, name, fn(t))
@@ -99,14 +249,20 @@ class KVPolicyLayer(DynamicLayer):
         n = self.check_crop(tokens_to_remove)
         if n <= 0:
             return
-        for name in self._per_entry():
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t[..., :-n, :] if name in ("keys", "values") else t[..., :-n])
+        if self.heads is not None:
+            for h in self.heads:
+                h.crop(tokens_to_remove)
+        else:
+            for name in self._per_entry():
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t[..., :-n, :] if name in ("keys", "values") else t[..., :-n])
         self.n_seen -= n
 
     def check_crop(self, tokens_to_remove: int) -> int:
         """How many entries :meth:`crop` would remove (0: nothing); raises if some of them were compressed."""
+        if self.heads is not None:
+            return max(h.check_crop(tokens_to_remove) for h in self.heads)
         n = -tokens_to_remove if tokens_to_remove <= 0 else self.n_seen - tokens_to_remove
         if n <= 0 or self.positions is None or self.physical_length == 0:
             return 0
@@ -130,7 +286,10 @@ class KVPolicyLayer(DynamicLayer):
                else torch.zeros(b, q, dtype=torch.bool, device=dev))
         valid = valid[:, None, :].expand(b, h, q)
         img = img[:, None, :].expand(b, h, q)
-        if self.positions is None or self.physical_length == 0:
+        if self.heads is not None:
+            for i, sub in enumerate(self.heads):
+                sub.append(key_states[:, i:i + 1], value_states[:, i:i + 1], info)
+        elif self.positions is None or self.physical_length == 0:
             self.keys, self.values = key_states, value_states
             self.positions, self.valid, self.is_image = pos.contiguous(), valid.contiguous(), img.contiguous()
         else:
@@ -216,8 +375,10 @@ class KVPolicyLayer(DynamicLayer):
             self.qbuf_pos = torch.cat([self.qbuf_pos, pos], dim=1)[:, -window:]
 
     # --- compression
-    def apply(self, selection: Selection, merged: Merged | None) -> None:
-        """Replace the layer by the selected (and merged) entries."""
+    def apply(self, selection: Selection, merged: Merged | None, *, ragged: bool = True) -> None:
+        """Replace the layer by the selected (and merged) entries; with ``ragged``, heads that keep
+        different counts are then stored apart (:meth:`split_heads`)."""
+        self.join_heads()
         idx = ops.expand_heads(selection.indices, self.keys.shape[1])
         kept = ops.expand_heads(selection.kept, self.keys.shape[1])
         if merged is None:
@@ -238,6 +399,8 @@ class KVPolicyLayer(DynamicLayer):
             self.bias = merged.bias.float()
         elif self.bias is not None:
             self.bias = ops.gather_seq(self.bias, idx)
+        if ragged and selection.indices.shape[1] > 1:
+            self.split_heads()
 
 
 class KVPolicyCache(Cache):
@@ -266,6 +429,12 @@ class KVPolicyCache(Cache):
         self.observing = False  # an observe-only forward: record attention, then drop its entries
         self.tokenizer: Any = None  # encodes the plan's prompt (kvpolicy.compress(..., tokenizer=))
         self.plan_input: tuple[Tensor | None, Tensor | None] = (None, None)  # prefill (ids, valid) to re-read
+        #: store the KV heads of a layer apart when they keep different counts (False: pad every head to the
+        #: longest, the dense masked layout; the same attention, more bytes)
+        self.ragged = True
+        # a selector pooling every layer (global allocation): layers keep a first-stage superset at prefill,
+        # then _pool_layers() prunes them together
+        self._pooled = policy.selector.spans_layers()
 
     # --- called by the model hook (kvpolicy.integrate) before each forward
     def begin_forward(self, q_len: int, valid: Tensor | None, is_image: Tensor | None) -> None:
@@ -303,7 +472,7 @@ class KVPolicyCache(Cache):
             layer.saved_counts = (layer.n_before, layer.image_seen)
         layer.append(key_states, value_states, info)
         layer.pending = q > 1 and not self.observing
-        return layer.keys, layer.values
+        return layer.handles()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].n_seen if layer_idx < len(self.layers) else 0
@@ -317,7 +486,7 @@ class KVPolicyCache(Cache):
             return
         for layer in self.layers:  # every layer is checked before any changes
             layer.check_crop(tokens_to_remove)
-        removed = first.valid[:, 0, -n:].sum(-1).long() if n <= first.physical_length else None
+        removed = first.valid_tail(n).sum(-1).long() if n <= first.physical_length else None
         for layer in self.layers:
             layer.crop(tokens_to_remove)
         if self.seen_valid is not None and removed is not None:
@@ -338,11 +507,10 @@ class KVPolicyCache(Cache):
         elif layer.pending:
             layer.pending = False
             self._compress_prefill(layer, query, scaling)
-        elif self._keep_acc and layer.acc is not None:
-            qpos = torch.full((query.shape[0], query.shape[2]), layer.n_seen - 1, device=query.device)
-            layer.acc = layer.acc + observe.attention_colsum(
-                query, layer.keys, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
-                key_bias=_bias_with_validity(layer))
+            if self._pooled and layer.layer_idx == self.n_layers - 1:
+                self._pool_layers()
+        elif self._keep_acc:
+            layer.accumulate(query, scaling)
 
     def fused_prefill_attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor | None:
         """The prefill attention ``[B, H, q, D]`` with its column sums kept for the compression that follows,
@@ -391,7 +559,8 @@ class KVPolicyCache(Cache):
             self._notify_prefill(layer)
             return
         self._run_policy(layer, ctx, "prefill", "compress")
-        self._notify_prefill(layer)
+        if not self._pooled:
+            self._notify_prefill(layer)
 
     # --- deferred prefill (context reconstruction, driven by kvpolicy.integrate)
     def needs_reconstruction(self) -> bool:
@@ -423,6 +592,41 @@ class KVPolicyCache(Cache):
                 ctx = self._ctx(layer, "prefill", budget, _scaling(layer), reconstruction=layer.recon)
                 self._run_policy(layer, ctx, "prefill", "compress")
             layer.recon = None
+            if not self._pooled:
+                self._notify_prefill(layer)
+        if self._pooled:
+            self._pool_layers()
+
+    def _pool_layers(self) -> None:
+        """Second stage of a layer-pooling selector: every layer that kept a first-stage superset (with its
+        allocation keys) is pruned to the counts the selector spends over all (layer, KV head) groups, the
+        sum of the layers' budgets per row; then every layer's decode rule hears of the prefill."""
+        pooled = [layer for layer in self.layers if layer.alloc_key is not None]
+        if pooled:
+            b, h = pooled[0].dims()[:2]
+            smax = max(layer.physical_length for layer in pooled)
+            dev = pooled[0].alloc_key.device
+            keys = torch.full((b, len(pooled) * h, smax), float("-inf"), dtype=torch.float64, device=dev)
+            valid = torch.zeros(keys.shape, dtype=torch.bool, device=dev)
+            for j, layer in enumerate(pooled):
+                key = ops.expand_heads(layer.alloc_key, h)
+                layer.alloc_key = key
+                s = key.shape[-1]
+                keys[:, j * h:(j + 1) * h, :s] = key
+                valid[:, j * h:(j + 1) * h, :s] = layer.valid & (key > float("-inf"))
+            share = torch.stack([self._budget(layer).total.to(dev) for layer in pooled], dim=1)  # [B, layers]
+            share = share.repeat_interleave(h, dim=1)  # [B, layers * h]
+            counts = self.policy.selector.pool_counts(keys, valid, share)
+            for j, layer in enumerate(pooled):
+                c = counts[:, j * h:(j + 1) * h]
+                key = layer.alloc_key
+                layer.alloc_key = None
+                ev = self._event(layer, "prefill", "pool")
+                with tracing.compress_span(ev):
+                    idx, kept = ops.topk_keep(key, max(1, int(c.max())), valid=valid[:, j * h:(j + 1) * h, :key.shape[-1]],
+                                              per_row=c)
+                    self._finish_event(layer, ev, Selection(indices=idx, kept=kept), None, {})
+        for layer in self.layers:
             self._notify_prefill(layer)
 
     def _notify_prefill(self, layer: KVPolicyLayer) -> None:
@@ -440,22 +644,27 @@ class KVPolicyCache(Cache):
             selection, merged = self.policy.compress(ctx)
             if self._keep_acc:
                 layer.acc = ctx.computed_accumulated()
-            self._finish_event(layer, ev, selection, merged, ctx.figures)
+            first_stage = self._pooled and phase == "prefill"
+            if first_stage and selection.key is None:
+                raise CacheUsageError(f"selector {self.policy.selector.name!r} pools layers but returned no "
+                                      f"allocation keys (Selection.key) at layer {layer.layer_idx}")
+            self._finish_event(layer, ev, selection, merged, ctx.figures, ragged=not first_stage)
+            if first_stage:
+                kept = ops.expand_heads(selection.kept, selection.key.shape[1])
+                layer.alloc_key = torch.where(kept, selection.key.double(), float("-inf"))
 
     def _event(self, layer: KVPolicyLayer, phase: str, event_name: str) -> tracing.CompressionEvent:
         p = self.policy
         ev = tracing.CompressionEvent(layer=layer.layer_idx, phase=phase, policy=p.name, scorer=p.scorer.name,
-                                      merger=p.merger.name, event=event_name, batch=layer.keys.shape[0])
-        ev.tokens_in = int(layer.valid[:, 0].sum())
-        ev.image_tokens_in = int((layer.valid[:, 0] & layer.is_image[:, 0]).sum())
+                                      merger=p.merger.name, event=event_name, batch=layer.dims()[0])
+        ev.tokens_in, ev.image_tokens_in = _kept_counts(layer)
         ev.bytes_before = _kv_bytes(layer)
         return ev
 
     def _finish_event(self, layer: KVPolicyLayer, ev: tracing.CompressionEvent, selection: Selection,
-                      merged: Merged | None, figures: dict[str, Any]) -> None:
-        layer.apply(selection, merged)
-        ev.tokens_kept = int(layer.valid[:, 0].sum())
-        ev.image_tokens_kept = int((layer.valid[:, 0] & layer.is_image[:, 0]).sum())
+                      merged: Merged | None, figures: dict[str, Any], *, ragged: bool = True) -> None:
+        layer.apply(selection, merged, ragged=ragged and self.ragged)
+        ev.tokens_kept, ev.image_tokens_kept = _kept_counts(layer)
         ev.tokens_merged = int(merged.merged) if merged is not None else 0
         ev.tokens_dropped = ev.tokens_in - ev.tokens_kept - ev.tokens_merged
         ev.bytes_after = _kv_bytes(layer)
@@ -497,39 +706,52 @@ class KVPolicyCache(Cache):
         """Per-layer figures: tokens seen / kept / merged, KV bytes before / after, time compressing."""
         rows = []
         for layer in self.layers:
-            if layer.keys is None:
+            if layer.heads is None and layer.keys is None:
                 continue
             evs = layer.events
-            b, h, _, d = layer.keys.shape
-            full = b * h * layer.n_seen * d * layer.keys.element_size() * 2
+            b, h, d, esize = layer.dims()
+            full = b * h * layer.n_seen * d * esize * 2
+            kept, image_kept = _kept_counts(layer)
             rows.append(LayerReport(
                 layer=layer.layer_idx, tokens_seen=layer.n_seen, entries=layer.physical_length,
-                tokens_kept=int(layer.valid[:, 0].sum()) // max(1, b),
+                tokens_kept=kept // max(1, b),
                 tokens_merged=sum(e.tokens_merged for e in evs) // max(1, b),
                 image_tokens_in=layer.image_seen // max(1, b),
-                image_tokens_kept=int((layer.valid[:, 0] & layer.is_image[:, 0]).sum()) // max(1, b),
+                image_tokens_kept=image_kept // max(1, b),
                 bytes_full=full, bytes_now=_kv_bytes(layer), seconds=sum(e.seconds for e in evs),
                 events=len(evs)))
         return CacheReport(policy=self.policy.name, layers=rows)
 
 
 def _kv_bytes(layer: KVPolicyLayer) -> int:
+    """Bytes the layer's keys and values really hold (a ragged layer: the sum over its heads)."""
+    if layer.heads is not None:
+        return sum(_kv_bytes(h) for h in layer.heads)
     return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
 
 
+def _kept_counts(layer: KVPolicyLayer) -> tuple[int, int]:
+    """Valid entries and valid visual entries, summed over the rows, averaged over the KV heads."""
+    parts = layer.heads if layer.heads is not None else [layer]
+    h = sum(p.valid.shape[1] for p in parts)
+    n = sum(int(p.valid.sum()) for p in parts)
+    img = sum(int((p.valid & p.is_image).sum()) for p in parts)
+    return n // h, img // h
+
+
 def _scaling(layer: KVPolicyLayer) -> float:
-    return layer.scaling if layer.scaling is not None else layer.keys.shape[-1] ** -0.5
+    return layer.scaling if layer.scaling is not None else layer.dims()[2] ** -0.5
 
 
 def _event_queries(layer: KVPolicyLayer, query: Tensor) -> tuple[Tensor, Tensor]:
     """``(positions [B, q], validity [B, q])`` of the ``q`` queries just appended to ``layer``."""
     b, _, q, _ = query.shape
-    return torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q), layer.valid[:, 0, -q:]
+    return torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q), layer.valid_tail(q)
 
 
 def _shrinks(budget: LayerBudget, layer: KVPolicyLayer) -> bool:
     """Whether some row of ``layer`` holds more valid entries than ``budget`` keeps."""
-    return bool((budget.total < layer.valid[:, 0].sum(-1).cpu()).any())
+    return bool((budget.total < layer.valid.sum(-1).amax(1).cpu()).any())
 
 
 def _bias_with_validity(layer: KVPolicyLayer) -> Tensor | None:

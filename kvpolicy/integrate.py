@@ -53,6 +53,17 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling
     return out.reshape(b, h, q, d)
 
 
+def ragged_sdpa(query: Tensor, heads: list[Any], scaling: float) -> Tensor:
+    """Attention of ``query [B, H, q, D]`` over a ragged layer: KV head ``i`` (``heads[i]``, keys
+    ``[B, 1, S_i, D]`` and its own mask) serves query heads ``i*g .. (i+1)*g - 1`` (``g = H / Hkv``, the
+    GQA grouping of transformers' ``repeat_kv``). Exact: the same softmax over each head's own entries as a
+    dense layout padded with masked slots. Returns ``[B, H, q, D]``."""
+    q_len = query.shape[2]
+    g = query.shape[1] // len(heads)
+    return torch.cat([sdpa(query[:, i * g:(i + 1) * g], hd.keys, hd.values, hd.attention_mask(q_len, None), scaling,
+                           causal=q_len > 1) for i, hd in enumerate(heads)], dim=1)
+
+
 def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                        attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[Tensor, None]:
@@ -64,14 +75,16 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     _check_attention_arguments(module, dropout, kwargs)
     layer_idx = module.layer_idx
     layer = cache.layers[layer_idx]
-    if layer.keys is not key:
+    if not layer.holds(key):
         raise CacheUsageError(f"layer {layer_idx} attended over keys that are not the kvpolicy cache's: inside "
                               "kvpolicy.compress(), pass cache=cache (or past_key_values=cache) to "
                               "generate()/forward()")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len = query.shape[2]
     out = cache.fused_prefill_attention(layer_idx, query, scale)
-    if out is None:
+    if out is None and layer.heads is not None:
+        out = ragged_sdpa(query, layer.heads, scale)
+    elif out is None:
         out = sdpa(query, key, value, layer.attention_mask(q_len, None), scale, causal=q_len > 1)
     cache.after_attention(layer_idx, query, scale)
     return out.transpose(1, 2).contiguous(), None

@@ -80,13 +80,14 @@ def topk_keep(scores: Tensor, k: int, *, valid: Tensor, forced: Tensor | None = 
         valid: ``[B, H or 1, S]`` bool.
         forced: ``[B, H or 1, S]`` bool, entries that must be kept.
         priority: ``[B, H or 1, S]`` integer-valued, compared before ``scores`` (e.g. LOOK-M's text prior).
-        per_row: ``[B]`` long, how many entries each row really keeps (``<= k``); defaults to ``k``.
+        per_row: ``[B]`` long, how many entries each row really keeps (``<= k``), or ``[B, H]`` for a count
+            per row and head (adaptive allocation); defaults to ``k``.
     Returns:
         ``indices [B, H, k]`` ascending along the last axis, and ``kept [B, H, k]`` bool: False marks a
         filler slot (row budget smaller than ``k`` or not enough valid entries).
     """
     b, h, s = scores.shape
-    key = scores.float()
+    key = scores if scores.dtype == torch.float64 else scores.float()
     valid = valid.expand(b, h, s)
     key = torch.where(valid, key, torch.full_like(key, float("-inf")))
     if priority is not None:
@@ -102,7 +103,7 @@ def topk_keep(scores: Tensor, k: int, *, valid: Tensor, forced: Tensor | None = 
         order = order.gather(-1, torch.sort(f.to(torch.int8), dim=-1, descending=True, stable=True).indices)
     top = order[..., :k]
     rank_ok = torch.arange(k, device=scores.device).expand(b, h, k)
-    limit = per_row.reshape(b, 1, 1) if per_row is not None else k
+    limit = (per_row.reshape(b, -1, 1) if per_row is not None else k)
     kept = valid.gather(-1, top) & (rank_ok < limit)
     # ascending positions; fillers keep their slot order among themselves
     srt = torch.sort(top, dim=-1).indices

@@ -231,6 +231,9 @@ class Selection:
 
     indices: Tensor
     kept: Tensor
+    #: ``[B, Hs, K]`` fp64 allocation keys of the slots, set by a selector whose allocation spans layers
+    #: (the cache pools every layer's keys after the prefill and prunes again; see :mod:`kvpolicy.allocate`)
+    key: Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -277,6 +280,9 @@ class Scorer(Component):
     """Importance of every entry of a layer."""
 
     kind: ClassVar[str] = "scorer"
+    #: scores on one scale across heads and layers (attention masses), so an adaptive allocation may pool
+    #: them (:mod:`kvpolicy.allocate`); False for norms, ranks and other per-head scales
+    comparable: ClassVar[bool] = False
 
     def score(self, ctx: CompressionContext) -> Tensor:
         """Return ``[B, Hkv or 1, S]`` fp32 scores, higher = keep."""
@@ -300,6 +306,16 @@ class Selector(Component):
 
     def select(self, ctx: CompressionContext, scores: Tensor, priority: Tensor | None) -> Selection:
         raise NotImplementedError
+
+    def spans_layers(self) -> bool:
+        """True for a selection that is the first of two stages: each layer keeps a superset with its
+        ``Selection.key`` at prefill, then the cache pools every layer and keeps :meth:`pool_counts`."""
+        return False
+
+    def pool_counts(self, keys: Tensor, valid: Tensor, share: Tensor) -> Tensor:
+        """Second stage: entries per group ``[B, G]`` from the pooled keys ``[B, G, S]`` of every (layer, KV
+        head) group, given each group's uniform share ``share [B, G]`` (the counts add up to its row sum)."""
+        raise NotImplementedError(f"selector {self.name!r} does not pool layers")
 
 
 class Merger(Component):
@@ -404,6 +420,9 @@ class Policy:
     description: str = ""
     _budget_memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        check_composition(self)
+
     def steps(self) -> list[Component]:
         return [s for s in (self.scorer, self.prior, self.selector, self.merger, self.decode, self.schedule)
                 if s is not None]
@@ -485,6 +504,25 @@ class Policy:
         return cfg
 
 
+def check_composition(policy: Policy) -> None:
+    """Refuse step combinations that cannot work together, naming what would."""
+    sel, scorer = policy.selector, policy.scorer
+    if getattr(sel, "needs_comparable", False) and not scorer.comparable:
+        from kvpolicy.registry import get_registry
+
+        reg = get_registry()
+        ok = [n for n in reg.names("scorer") if getattr(reg.component("scorer", n), "comparable", False)]
+        raise ConfigError(
+            f"policy {policy.name!r}: selector {sel.name!r} pools scores across heads or layers, but scorer "
+            f"{scorer.name!r} does not give scores on one scale across them; allowed scorers: {', '.join(ok)} "
+            f"(or the 'topk' selector, which ranks each head alone)")
+    if sel.spans_layers() and policy.decode.compacts:
+        raise ConfigError(
+            f"policy {policy.name!r}: selector {sel.name!r} pools every layer after the prefill, which a decode "
+            f"rule that compacts one layer at a time ({policy.decode.name!r}) cannot do; allowed: decode 'none', "
+            f"or the selector with scope 'heads'")
+
+
 def run_steps(ctx: CompressionContext, scorer: Scorer, prior: Prior | None, selector: Selector, merger: Merger
               ) -> tuple[Selection, Merged]:
     """score -> prior -> select -> merge on one layer, each step's output checked against its contract
@@ -555,5 +593,5 @@ __all__ = [
     "Budget", "LayerBudget", "CompressionContext", "Selection", "Merged", "Component", "Scorer", "Prior",
     "Selector", "Merger", "DecodeRule", "DecodeView", "Compact", "KeepIndices", "LayerSchedule", "Policy",
     "ReconstructionPlan",
-    "gather_kept", "evicted_indices", "log_or_none", "fit_total", "run_steps",
+    "gather_kept", "evicted_indices", "log_or_none", "fit_total", "run_steps", "check_composition",
 ]

@@ -255,6 +255,9 @@ def check_servable(config: ServeConfig, n_layers: int, where: str = "kvpolicy") 
             raise ConfigError(f"{where}: policy {name!r}: " + _refusal(bad[0], step=step.name))
     if policy.reconstruction() is not None:
         raise ConfigError(f"{where}: policy {name!r}: " + _refusal("reconstruction_attention"))
+    if policy.selector.spans_layers():
+        raise ConfigError(f"{where}: policy {name!r}: selector {policy.selector.name!r} pools every layer after the "
+                          f"prompt; {_SAME_COUNT}")
     for n in (64, 1000, 4096, 32768):
         counts = sorted({int(b.total[0]) for b in policy.layer_budgets(n_layers, torch.tensor([n]))})
         if len(counts) > 1:
@@ -267,11 +270,15 @@ def check_servable(config: ServeConfig, n_layers: int, where: str = "kvpolicy") 
     return ServablePolicy(config=config, policy=policy, n_layers=n_layers, query_window=window)
 
 
+_SAME_COUNT = ("a serving engine frees whole blocks, so every head and layer of a request keeps one count: use "
+               "selector 'topk' (adaptive budgets run in the transformers cache)")
+
+
 def _probe_window(policy: Policy, n_layers: int, where: str) -> int:
     """Run every layer's steps once on a synthetic layer; the largest query window they asked for."""
     hkv, group, d = 2, 2, 8
     tokens = policy.budget.tokens or 0
-    n = max(128, 2 * tokens + 64)
+    n = max(512, 2 * tokens + 64)  # long enough that a budget reaches past a 32-query window
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(1, hkv, n, d, generator=gen)
     values = torch.randn(1, hkv, n, d, generator=gen)
@@ -282,9 +289,13 @@ def _probe_window(policy: Policy, n_layers: int, where: str) -> int:
         ctx = _layer_context(_Probe, i, n_layers, keys, values, budgets[i], d ** -0.5, queries, torch.arange(n)[None])
         ctx.windows = windows
         try:
-            _, merged = policy.compress(ctx)
+            sel, merged = policy.compress(ctx)
         except ConfigError as err:
             raise ConfigError(f"{where}: policy {policy.name!r}: {err}") from None
+        per_head = sel.kept.sum(-1)
+        if bool((per_head != per_head[:, :1]).any()):
+            raise ConfigError(f"{where}: policy {policy.name!r}: selector {policy.selector.name!r} keeps different "
+                              f"counts per KV head ({per_head[0].tolist()} at layer {i}); {_SAME_COUNT}")
         if _has_bias(merged):
             raise ConfigError(f"{where}: {_bias_refusal(policy)}")
     return max(windows, default=0)

@@ -256,7 +256,7 @@ def test_the_invariant_kit_with_small_chunks_and_windows():
         kit.check_policy({"budget": {"ratio": 0.5, "sink": 1}, "scorer": scorer}, model=False)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", PRESETS + ["criticalkv-vnorm", "qfilter-smollm2"])
 def test_generate_keeps_the_same_entries_for_a_row_alone_and_left_padded(tiny_llama, preset):
     """generate() numbers a left-padded row's RoPE positions from its first valid token; every press then keeps,
     shifted by the padding, the entries it keeps for the row alone (LagKV reads post-RoPE keys channel by
@@ -359,3 +359,193 @@ def test_press_keeps_the_reference_entries_and_generates(smollm2, smol_passage, 
         mismatches.append(n_bad)
     print(f"{preset}: mismatches per layer {mismatches}")
     assert sum(mismatches) <= 0.002 * budget * 3 * len(mismatches), mismatches
+
+
+# --------------------------------------------------------------------------------------------- CriticalKV
+def _tova_reference(q_post: np.ndarray, k_post: np.ndarray, scale: float) -> np.ndarray:
+    """``[n]``: the last query's attention averaged over every query head (TOVA's layer-shared score)."""
+    h = q_post.shape[0]
+    g = h // k_post.shape[0]
+    out = []
+    for head in range(h):
+        logit = scale * k_post[head // g] @ q_post[head, -1]
+        e = np.exp(logit - logit.max())
+        out.append(e / e.sum())
+    return np.mean(out, 0)
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_criticalkv_keeps_the_reference_entries(tmp_path, with_weights):
+    from kvpolicy_presses.criticalkv import FORMAT
+
+    keys, vals, queries, rows = _inputs(11)
+    hkv, g, d, total, sink = 2, 3, 16, 24, 2
+    hidden = 20
+    w = torch.randn(hidden, hkv * g * d, generator=torch.Generator().manual_seed(4))
+    path = None
+    if with_weights:
+        path = tmp_path / "o_proj.pt"
+        torch.save({"format": FORMAT, "num_attention_heads": hkv * g, "head_dim": d, "o_proj": [w]}, path)
+    ctx = _context(keys, vals, queries, [r["pad"] for r in rows], total, sink)
+    got = _kept(ctx, "criticalkv-vnorm", base={"name": "tova"}, out_proj=None if path is None else str(path))
+    wn = w.double().numpy()
+    for r, row in enumerate(rows):
+        n = row["v"].shape[1]
+        q_post = queries[r, :, row["pad"]:].double().numpy()
+        base = _tova_reference(q_post, row["k_post"], d ** -0.5)
+        for j in range(hkv):
+            if with_weights:
+                norm = np.mean([np.abs(row["v"][j] @ wn[:, hd * d:(hd + 1) * d].T).sum(-1)
+                                for hd in range(j * g, (j + 1) * g)], 0)
+            else:
+                norm = np.abs(row["v"][j]).sum(-1)
+            n1 = int(total * 0.5)
+            first = set(np.lexsort((np.arange(n), -base))[:n1].tolist())
+            score = (base + 1e-4) * norm
+            score = np.array([1e30 if i in first else score[i] for i in range(n)])
+            forced = np.arange(n) < sink
+            assert got[r][j] == top_k(score, total, forced), (r, j)
+
+
+def test_criticalkv_refuses_weights_of_another_model(tmp_path, tiny_llama):
+    from kvpolicy.errors import ConfigError
+    from kvpolicy_presses.criticalkv import save_out_proj
+
+    path = save_out_proj(tiny_llama, tmp_path / "tiny.pt")
+    keys, vals, queries, rows = _inputs(12, d=8)  # head_dim 8, the tiny Llama's is 16
+    ctx = _context(keys, vals, queries, [0, 7], 20, 2)
+    with pytest.raises(ConfigError, match="another model"):
+        _kept(ctx, "criticalkv-vnorm", out_proj=str(path))
+    with pytest.raises(ConfigError, match="criticalkv cannot wrap itself|base"):
+        kvpolicy.load_policy("criticalkv-vnorm", scorer={"name": "criticalkv", "base": {"name": "criticalkv"}})
+
+
+def test_criticalkv_projected_norm_on_the_model(tmp_path, tiny_llama):
+    """``mean_h ||W_o^h v||_1`` equals the L1 norm of the model's own ``o_proj`` applied to ``v`` in head ``h``'s slot."""
+    from kvpolicy_presses.criticalkv import projected_norm, save_out_proj
+
+    path = save_out_proj(tiny_llama, tmp_path / "tiny.pt")
+    attn = tiny_llama.model.layers[1].self_attn
+    heads, d = 4, 16
+    vals = torch.randn(1, 2, 9, d, generator=torch.Generator().manual_seed(2))
+    ctx = _context(torch.randn(1, 2, 9, d), vals, torch.randn(1, heads, 9, d), [0], 5, 0)
+    ctx.layer_idx = 1
+    got = projected_norm(ctx, str(path))
+    for kv in range(2):
+        ref = []
+        for h in range(kv * 2, kv * 2 + 2):
+            x = torch.zeros(9, heads * d)
+            x[:, h * d:(h + 1) * d] = vals[0, kv]
+            ref.append(attn.o_proj(x).abs().sum(-1))
+        assert torch.allclose(got[0, kv], torch.stack(ref).mean(0), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- Q-Filters
+def _ref_direction(x: np.ndarray) -> np.ndarray:
+    """First right singular vector of ``x [N, D]``, signed so that the rows project positively on average."""
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    u = vt[0]
+    return u if (x @ u).sum() >= 0 else -u
+
+
+def test_qfilter_from_the_prompt_keeps_the_reference_entries():
+    keys, vals, queries, rows = _inputs(13)
+    hkv, g, total = 2, 3, 20
+    ctx = _context(keys, vals, queries, [r["pad"] for r in rows], total, 0)
+    got = _kept(ctx, "qfilter-smollm2", filters=None, fallback="error")
+    for r, row in enumerate(rows):
+        q_post = queries[r, :, row["pad"]:].double().numpy()
+        for j in range(hkv):
+            u = _ref_direction(q_post[j * g:(j + 1) * g].reshape(-1, q_post.shape[-1]))
+            assert got[r][j] == top_k(row["k_post"][j] @ u, total, np.zeros(len(u) * 0 + row["k_post"].shape[1], bool))
+
+
+def test_qfilter_file_round_trip_and_refusals(tmp_path):
+    from kvpolicy.errors import ConfigError
+    from kvpolicy_presses.qfilter import load_qfilters, save_qfilters
+
+    keys, vals, queries, rows = _inputs(14)
+    f = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(0))
+    for suffix in (".json", ".pt"):
+        path = save_qfilters(f, tmp_path / f"f{suffix}")
+        assert torch.allclose(load_qfilters(str(path)), f, atol=1e-6)
+        ctx = _context(keys, vals, queries, [r["pad"] for r in rows], 20, 0)
+        got = _kept(ctx, "qfilter-smollm2", filters=str(path), fallback="error")
+        for r, row in enumerate(rows):
+            for j in range(2):
+                want = top_k(row["k_post"][j] @ f[0, j].double().numpy(), 20, np.zeros(row["k_post"].shape[1], bool))
+                assert got[r][j] == want
+    ctx = _context(keys[..., :8], vals[..., :8], queries[..., :8], [0, 7], 20, 0)  # head_dim 8: not this file
+    with pytest.raises(ConfigError, match="calibrate this model"):
+        _kept(ctx, "qfilter-smollm2", filters=str(tmp_path / "f.pt"), fallback="error")
+    _kept(ctx, "qfilter-smollm2", filters=str(tmp_path / "f.pt"), fallback="prompt")  # the prompt's own queries
+
+
+def test_qfilter_calibration_matches_the_reference(tiny_llama):
+    """Filters from calibrate_qfilters equal the SVD of the model's own post-RoPE queries (q_proj + rotary)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvpolicy_presses.qfilter import calibrate_qfilters
+
+    prompts = [torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (30, 45)]
+    filters = calibrate_qfilters(tiny_llama, prompts)
+    assert filters.shape == (2, 2, 16)
+    captured: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, out, i=i: captured[i].append(out))
+             for i, layer in enumerate(tiny_llama.model.layers)]
+    with torch.no_grad():
+        for ids in prompts:
+            tiny_llama(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for layer in range(2):
+        stack = []
+        for ids, q in zip(prompts, captured[layer]):
+            n = ids.shape[1]
+            q = q.view(1, n, 4, 16).transpose(1, 2)
+            cos, sin = tiny_llama.model.rotary_emb(q, torch.arange(n)[None])
+            q_post, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            stack.append(q_post[0])
+        for kv in range(2):
+            x = torch.cat([s[kv * 2:(kv + 1) * 2].reshape(-1, 16) for s in stack]).double().numpy()
+            assert np.allclose(filters[layer, kv].double().numpy(), _ref_direction(x), atol=1e-4), (layer, kv)
+
+
+def test_qfilter_packaged_smollm2_filters_predict_attention(smollm2, smol_passage):
+    """The packaged filters have SmolLM2's shape and their sign is the one that predicts attention: per layer
+    and head, k . u correlates positively with the attention the prompt's queries give (mean over layers)."""
+    from kvpolicy.policy import Budget, Policy
+    from kvpolicy.registry import get_registry
+    from kvpolicy_presses.qfilter import QFilter, load_qfilters
+
+    table = load_qfilters("smollm2")
+    assert table.shape == (30, 3, 64)
+    corr: list[float] = []
+
+    class Probe(QFilter):
+        name = "test-qfilter-probe"
+
+        def score(self, ctx):
+            s = super().score(ctx)
+            acc = ctx.accumulated_attention()
+            for j in range(ctx.shape[1]):
+                a, b = s[0, j, 4:].double(), acc[0, j, 4:].double().log()
+                corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+            return s
+
+    reg = get_registry()
+    policy = Policy(name="probe", budget=Budget(ratio=0.5, sink=4), scorer=Probe(filters="smollm2"),
+                    selector=reg.component("selector", "topk")(), merger=reg.component("merger", "none")(),
+                    decode=reg.component("decode", "none")(), schedule=reg.component("schedule", "uniform")())
+    model, _ = smollm2
+    with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
+        model(input_ids=smol_passage[:, :400], cache=cache)
+    assert len(corr) == 90 and sum(corr) / len(corr) > 0.1
+
+
+@pytest.mark.parametrize("scorer", [{"name": "criticalkv", "base": {"name": "tova"}},
+                                    {"name": "criticalkv", "base": {"name": "accumulated-attention"},
+                                     "first_stage_ratio": 0.0},
+                                    {"name": "qfilter"}])
+def test_criticalkv_and_qfilter_keep_the_invariants(scorer):
+    kit.check_policy({"budget": {"ratio": 0.5, "sink": 1}, "scorer": scorer}, model=False)

@@ -99,15 +99,18 @@ def test_corm_threshold_keeps_entries_above_the_uniform_share():
         assert set(_kept(sel, kv)) == passing, kv
 
 
-def test_corm_is_padding_independent():
-    q, k, v = _tensors(3, s=S)
-    policy = kvpolicy.load_policy("corm", budget={"ratio": 0.4, "sink": 2})
+@pytest.mark.parametrize(("preset", "budget", "seed", "pad", "heads"), [
+    ("corm", {"ratio": 0.4, "sink": 2}, 3, 5, HKV),
+    ("cascading", {"tokens": 9, "sink": 2}, 9, 4, 1),  # one decision per layer
+])
+def test_padding_independent(preset, budget, seed, pad, heads):
+    q, k, v = _tensors(seed)
+    policy = kvpolicy.load_policy(preset, budget=budget)
     alone = run_steps(_ctx(policy, q, k, v), policy.scorer, None, policy.selector, policy.merger)[0]
-    pad = 5
     qp = torch.cat([torch.zeros(1, H, pad, D), q], 2)
     kp, vp = (torch.cat([torch.zeros(1, HKV, pad, D), x], 2) for x in (k, v))
     padded = run_steps(_ctx(policy, qp, kp, vp, pad=pad), policy.scorer, None, policy.selector, policy.merger)[0]
-    for kv in range(HKV):
+    for kv in range(heads):
         assert [j - pad for j in _kept(padded, kv)] == _kept(alone, kv)
 
 
@@ -272,3 +275,148 @@ def test_calibration_on_smollm2_reproduces_the_profile_shape(smollm2, smol_passa
     assert len(dens) == len(SMOLLM2_DENSITY) == 30
     assert all(0 < d <= 1 for d in dens)
     assert dens[0] == max(dens)  # layer 0 is by far the densest, as in the stored profile
+
+
+# --------------------------------------------------------------------------------------------- Cascading KV cache
+def _ref_cascade(order, score, sink, sizes, k):
+    """Reference cascading cache: stream positions ``order`` one by one; returns the kept positions."""
+    sinks, cas = [], [[] for _ in sizes]
+    for step, tok in enumerate(order):
+        if len(sinks) < sink:
+            sinks.append(tok)
+            continue
+        u = step - sink
+        moving = tok
+        for i in range(len(sizes)):
+            if u % (k ** i) == 0:
+                cas[i].append(moving)
+                if len(cas[i]) > sizes[i]:
+                    moving = cas[i].pop(0)
+                    continue
+                moving = None
+                break
+            if len(cas[i]) == 0:
+                cas[i].append(moving)
+            elif score[moving] >= score[cas[i][-1]]:
+                cas[i][-1] = moving
+            moving = None
+            break
+    return sorted(sinks + [p for c in cas for p in c])
+
+
+@pytest.mark.parametrize("cascades, k, budget", [(1, 2, 10), (2, 2, 10), (3, 2, 11), (4, 3, 9)])
+def test_cascading_keeps_what_the_reference_keeps(cascades, k, budget):
+    q, k_, v = _tensors(8)
+    beta = 0.9
+    policy = kvpolicy.load_policy({"budget": {"tokens": budget, "sink": 2}, "scorer": {"name": "cascade-ema", "beta": beta},
+                                   "selector": {"name": "cascading", "cascades": cascades, "accept_every": k},
+                                   "decode": {"name": "cascading"}})
+    ctx = _ctx(policy, q, k_, v)
+    sel, _ = run_steps(ctx, policy.scorer, None, policy.selector, policy.merger)
+    A = _attention(q, k_)
+    ema = [(1 - beta) * sum(beta ** (S - 1 - i) * float(A[:, i, j].mean()) for i in range(S)) for j in range(S)]
+    room = budget - 2
+    sizes = [room // cascades + (1 if i < room % cascades else 0) for i in range(cascades)]
+    sizes = [x for x in sizes if x > 0]
+    assert _kept(sel, 0) == _ref_cascade(list(range(S)), ema, 2, sizes, k)
+    assert len(_kept(sel, 0)) <= budget
+    scores = policy.scorer.score(_ctx(policy, q, k_, v))
+    assert torch.allclose(scores[0, 0].double(), torch.tensor(ema, dtype=torch.float64), atol=1e-6)
+
+
+def test_cascading_decode_streams_one_token_per_step(tiny_llama):
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    policy = kvpolicy.load_policy("cascading", budget={"tokens": 20, "sink": 4})
+    with torch.inference_mode(), kvpolicy.compress(tiny_llama, policy) as cache:
+        tiny_llama.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=12,
+                            do_sample=False, pad_token_id=0)
+    for layer in cache.layers:
+        phases = [e.phase for e in layer.events]
+        assert phases[0] == "prefill" and phases.count("decode") == 11  # one compaction per fed-back token
+        pos = layer.positions[0, 0][layer.valid[0, 0]].tolist()
+        assert len(pos) <= 20 + 1 and pos[:4] == [0, 1, 2, 3]
+        row = layer.state["cascade"][0]
+        # 71 tokens seen; the last one (position 70) is streamed at the next step
+        assert row.last_pos == 69 and sorted(row.kept()) == [p for p in pos if p <= 69]
+        assert [len(c) for c in row.cascades] == row.sizes == [4, 4, 4, 4]
+        assert pos[-1] == 70 and row.cascades[0] == [66, 67, 68, 69]  # cascade 0 is the most recent window
+        assert row.cascades[3][0] < row.cascades[2][0] < row.cascades[1][0]  # deeper cascades reach further back
+
+
+@pytest.mark.parametrize("kind, name", [("selector", "cascading"), ("scorer", "cascade-ema"), ("decode", "cascading")])
+def test_cascading_steps_keep_the_invariants(kind, name):
+    kit.check_component(kind, name, model=kind == "decode")
+
+
+# --------------------------------------------------------------------------------------------- VL-Cache
+def _vl_ctx(policy, q, k, v, img: range):
+    ctx = _ctx(policy, q, k, v)
+    ctx.is_image[:, :, img.start:img.stop] = True
+    return ctx
+
+
+@pytest.mark.parametrize("img, ratio", [(range(2, 14), 0.5), (range(2, 14), 0.9), (range(0, 0), 0.7),
+                                        (range(10, 24), 0.5)])
+def test_vlcache_keeps_what_the_reference_keeps(img, ratio):
+    q, k, v = _tensors(10)
+    q = q * 3  # sharper attention: some entries below 1 % of their row's max
+    policy = kvpolicy.load_policy("vlcache", budget={"ratio": ratio, "sink": 2})
+    ctx = _vl_ctx(policy, q, k, v, img)
+    sel, _ = run_steps(ctx, policy.scorer, None, policy.selector, policy.merger)
+    A = _attention(q, k)
+    post = [i for i in range(S) if i > (img.stop - 1 if len(img) else -1)] or [S - 1]
+    big = sum(int(float(A[h, i, j]) >= 0.01 * float(A[h, i, : i + 1].max())) for h in range(H) for i in post
+              for j in range(i + 1))
+    seen = sum(i + 1 for i in post) * H
+    density = big / seen
+    keep = min(int(S * ratio), max(2, math.ceil(density * S)))
+    assert ctx.figures["vl_density"] == pytest.approx(density, abs=1e-6)
+    for kv in range(HKV):
+        score = [sum(float(A[h, i, j]) for i in post for h in range(kv * G, kv * G + G)) / G for j in range(S)]
+        assert _kept(sel, kv) == _ref_top(score, {0, 1}, keep), kv
+
+
+def test_vlcache_on_a_tiny_llava():
+    from conftest import make_tiny_llava
+
+    img_id, n_img = 100, 144
+    model = make_tiny_llava(48, n_img, img_id)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.randint(1, 100, (1, 6), generator=g), torch.full((1, n_img), img_id),
+                     torch.randint(1, 100, (1, 14), generator=g)], 1)
+    pixels = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    # random weights attend almost uniformly (every entry within 20 % of its row max): tau = 0.97 makes them sparse
+    policy = kvpolicy.load_policy("vlcache", budget=0.3, selector={"name": "vlcache-sparsity", "threshold": 0.97})
+    with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
+        out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             cache=cache, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 4
+    L = ids.shape[1]
+    for layer in cache.layers:
+        ev = layer.events[0]
+        want = min(int(L * 0.3), max(4, math.ceil(ev.figures["vl_density"] * L)))
+        assert ev.tokens_kept == want == ev.figures["vl_kept"]
+        assert 0 < ev.figures["vl_density"] <= 1
+        assert ev.image_tokens_in == n_img and ev.image_tokens_kept < n_img
+    assert any(layer.events[0].tokens_kept < int(L * 0.3) for layer in cache.layers)  # a sparse layer kept less
+
+
+@pytest.mark.parametrize("kind, name", [("scorer", "post-vision"), ("selector", "vlcache-sparsity")])
+def test_vlcache_steps_keep_the_invariants(kind, name):
+    kit.check_component(kind, name, model=False)
+
+
+def test_cascading_on_smollm2(smollm2, smol_passage):
+    """500 tokens at budget 0.2: every layer holds 4 sinks + 4 full cascades (100 entries) after the prompt and
+    keeps that size while generating (one entry in, one out per step, plus the token not yet streamed)."""
+    model, tok = smollm2
+    ids = smol_passage[:, :500]
+    with torch.inference_mode(), kvpolicy.compress(model, "cascading") as cache:
+        gen = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id,
+                             cache=cache)
+    assert gen.shape[1] == 504
+    for layer in cache.layers:
+        row = layer.state["cascade"][0]
+        assert row.sizes == [24, 24, 24, 24] and [len(c) for c in row.cascades] == row.sizes
+        assert int(layer.valid[0, 0].sum()) == 101 and layer.positions[0, 0, -1] == 502
+        assert min(row.cascades[3]) < 502 - 200  # the deepest cascade reaches twice as far back as a 100-token window

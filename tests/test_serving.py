@@ -30,6 +30,8 @@ def test_servable_presets_and_their_query_window(preset: str, window: int) -> No
     ("h2o-rolling", "accumulated attention|decode rule 'rolling'"),
     ("kvzip", "context-reconstruction|reconstruction"),
     ("kvmerger", "accumulated attention"),
+    ("adakv-snapkv", "different counts per KV head"),
+    ("snapkv-global", "pools every layer"),
 ])
 def test_what_an_engine_cannot_give_is_refused_naming_what_runs(preset: str, why: str) -> None:
     with pytest.raises(ConfigError, match=why) as err:

@@ -1,4 +1,4 @@
-"""The structured plugin: ChunkKV, SimLayerKV, Finch (+ chunked top-k) and the ``kvzip`` preset.
+"""The structured plugin: ChunkKV, SimLayerKV, Finch (+ chunked top-k) and the ``kvzip-uniform`` preset.
 
 Each method's kept entries are checked against an independent reference written here with plain Python /
 numpy loops on small tensors (naive softmax, no kvpolicy helper), then every preset runs on SmolLM2 with
@@ -291,11 +291,11 @@ def test_a_row_alone_and_left_padded_in_a_batch_keeps_the_same_entries(tiny_llam
 
 # --------------------------------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["chunkkv", "simlayerkv", "finch", "kvzip"])
+@pytest.mark.parametrize("preset", ["chunkkv", "simlayerkv", "finch", "kvzip-uniform"])
 def test_presets_on_smollm2_keep_their_sizes_and_generate(smollm2, smol_passage, preset):
     model, tok = smollm2
     L = smol_passage.shape[1]
-    kw = {"tokenizer": tok} if preset == "kvzip" else {}
+    kw = {"tokenizer": tok} if preset == "kvzip-uniform" else {}
     with torch.no_grad(), kvpolicy.compress(model, preset, budget=0.2, **kw) as cache:
         out = model.generate(input_ids=smol_passage, cache=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape[1] == L + 8 and tok.decode(out[0, L:]).strip()
@@ -318,5 +318,5 @@ def test_presets_on_smollm2_keep_their_sizes_and_generate(smollm2, smol_passage,
             assert figures["chunks"] == -(-L // 20)
         if preset == "finch":  # the question (last 32 prompt tokens) is kept by every head
             assert bool((pos[:, budget - 32:budget] == torch.arange(L - 32, L)).all())
-        if preset == "kvzip":
+        if preset == "kvzip-uniform":
             assert bool((pos[:, :4] == torch.arange(4)).all())  # 4 sinks

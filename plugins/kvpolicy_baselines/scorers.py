@@ -30,6 +30,7 @@ class AccumulatedAttention(Scorer):
     """
 
     name: ClassVar[str] = "accumulated-attention"
+    comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
     query_stride: int = Field(default=1, ge=1, le=4096,
                               description="estimate from every s-th prefill query (1 = exact)")
@@ -53,6 +54,7 @@ class SnapKV(Scorer):
     """
 
     name: ClassVar[str] = "snapkv"
+    comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     window: int = Field(default=32, ge=1, description="observation window: the last queries that vote")
     kernel: int = Field(default=7, ge=1, description="pooling kernel size over positions (odd)")
@@ -79,6 +81,7 @@ class TOVA(Scorer):
     """TOVA: attention of the last query, averaged over heads; one decision per layer."""
 
     name: ClassVar[str] = "tova"
+    comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
 
     def score(self, ctx: CompressionContext) -> Tensor:

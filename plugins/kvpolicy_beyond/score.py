@@ -30,6 +30,7 @@ class Reconstruction(Scorer):
     """KVzip-style: max attention each entry receives while the model re-reads its context."""
 
     name: ClassVar[str] = "reconstruction"
+    comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"reconstruction_attention"})
     prompt: str = Field(default=DEFAULT_PROMPT, description="text fed before the context is re-read")
     chunk: int = Field(default=512, ge=1, description="context tokens re-read per forward")
@@ -47,6 +48,7 @@ class MaxAttention(Scorer):
     """Max attention each entry received from the prefill's queries (no extra pass)."""
 
     name: ClassVar[str] = "max-attention"
+    comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"max_attention"})
 
     def score(self, ctx: CompressionContext) -> Tensor:

@@ -1,8 +1,11 @@
-"""Methods from kvpress's list that need no trained artefact: ExpectedAttention, KeyDiff, LagKV, leverage-score (CUR) selection.
+"""Methods from kvpress's list: ExpectedAttention, KeyDiff, LagKV, leverage-score (CUR) selection, CriticalKV, Q-Filters.
 
 Each method is one module of this package, read like its paper; its decisions where the paper is silent
-are stated at the top of the module. CriticalKV is left out: it weights scores by ``||W_o v||``, and the
-compression context carries no output-projection weights (see ``docs/methods/presses.md``).
+are stated at the top of the module. CriticalKV reads the model's output projections from a file written
+by :func:`kvpolicy_presses.criticalkv.save_out_proj` (``criticalkv-vnorm``: its weight-free variant); Q-Filters
+read per-model filters calibrated by :func:`kvpolicy_presses.qfilter.calibrate_qfilters` (packaged for SmolLM2).
+Both are written by ``python -m kvpolicy_presses.calibrate``. DuoAttention needs trained per-head gates and
+is left out (see ``docs/methods/presses.md``).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from kvpolicy_presses.expected_attention import ExpectedAttention
 from kvpolicy_presses.keydiff import KeyDiff
 from kvpolicy_presses.lagkv import LagKV
 from kvpolicy_presses.leverage import Leverage
+from kvpolicy_presses.criticalkv import CriticalKV
+from kvpolicy_presses.qfilter import QFilter
 
 _EVICT = {"selector": "topk", "merger": "none", "decode": "none", "layers": "uniform"}
 
 
 @hookimpl
 def kvpolicy_components() -> list[type]:
-    return [ExpectedAttention, KeyDiff, LagKV, Leverage]
+    return [ExpectedAttention, KeyDiff, LagKV, Leverage, CriticalKV, QFilter]
 
 
 @hookimpl
@@ -44,5 +49,16 @@ def kvpolicy_presets() -> list[Preset]:
           {"ratio": 0.2, "sink": 0}),
         p("leverage-kv", "CurDKV-style: product of key and value leverage scores, 4 sinks",
           {"name": "leverage", "source": "kv_product", "center": True, "pre_rope": True, "rope_theta": 100000.0},
+          {"ratio": 0.2, "sink": 4}),
+        p("criticalkv-vnorm",
+          "CriticalKV's two stages on SnapKV (half the budget by SnapKV, the rest by score x ||v||_1): the "
+          "weight-free variant (W_o = I); out_proj: PATH gives exact CriticalKV",
+          {"name": "criticalkv", "base": {"name": "snapkv"}, "first_stage_ratio": 0.5, "epsilon": 1e-4,
+           "out_proj": None},
+          {"ratio": 0.2, "sink": 4}),
+        p("qfilter-smollm2",
+          "Q-Filters: key projection on the principal query direction, SmolLM2's packaged filters (other "
+          "models: the prompt's own queries)",
+          {"name": "qfilter", "filters": "smollm2", "fallback": "prompt"},
           {"ratio": 0.2, "sink": 4}),
     ]

@@ -54,6 +54,7 @@ class ExpectedAttention(Scorer):
     """Expected attention of future queries (Gaussian fit of the prompt's queries, averaged RoPE), times ||v||."""
 
     name: ClassVar[str] = "expected-attention"
+    comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"queries"})
     n_future_positions: int = Field(default=512, ge=1, description="future positions the rotation is averaged over")
     n_sink: int = Field(default=4, ge=0, description="first entries (and queries) left out of the statistics")

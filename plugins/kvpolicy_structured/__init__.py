@@ -51,7 +51,7 @@ def kvpolicy_presets() -> list[Preset]:
         _preset("finch", "Finch: the question's (last 32 tokens') normalised attention over the context, question "
                          "kept", {"ratio": 0.2, "sink": 0}, {"name": "finch", "window": 32, "normalize": True},
                 {"name": "topk"}),
-        _preset("kvzip", "KVzip (kvpress's KVzipPress defaults): context-reconstruction score, 2048-token chunks, "
-                         "4 sinks, uniform layers; re-reads the context (4.2x a plain prefill on SmolLM2 at 2k)",
+        _preset("kvzip-uniform", "KVzip's score with kvpress's KVzipPress defaults, every head and layer the same "
+                         "count (layerwise); 2048-token chunks, 4 sinks; re-reads the context (4.2x a plain prefill on SmolLM2 at 2k)",
                 KVZIP_BUDGET, KVZIP_SCORER, {"name": "topk"}),
     ]
