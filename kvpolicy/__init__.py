@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kvpolicy import models
 from kvpolicy.cache import CacheReport, KVPolicyCache
+from kvpolicy.context import CompressedContext, pipeline
 from kvpolicy.config import PolicyConfig, dump_policy, load_config, load_policy, policy_schema
 from kvpolicy.errors import (BudgetError, CacheUsageError, ConfigError, KVPolicyError, PluginError,
                              StepOutputError, UnknownComponentError, UnsupportedModelError)
@@ -22,7 +23,7 @@ from kvpolicy.registry import Preset, get_registry
 __version__ = "0.1.0"
 
 __all__ = [
-    "models", "compress", "load_policy", "load_config", "dump_policy", "policy_schema", "hookimpl",
+    "models", "compress", "CompressedContext", "pipeline", "load_policy", "load_config", "dump_policy", "policy_schema", "hookimpl",
     "KVPolicyCache", "CacheReport", "Policy", "PolicyConfig", "Budget", "CompressionContext", "Scorer",
     "Prior", "Selector", "Merger", "Merged", "Selection", "DecodeRule", "LayerSchedule", "Preset",
     "get_registry", "KVPolicyError", "ConfigError", "BudgetError", "UnknownComponentError", "PluginError",

@@ -11,6 +11,7 @@ layers of different physical lengths and multi-token forwards after compression 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,13 @@ class KVPolicyLayer(DynamicLayer):
             return max(h.physical_length for h in self.heads)
         k = self.__dict__.get("_keys")
         return 0 if k is None or k.numel() == 0 else k.shape[-2]
+
+    @property
+    def mean_length(self) -> int:
+        """Entries per KV head on average (a ragged layer's heads differ; a dense layer: its length)."""
+        if self.heads is not None:
+            return sum(h.physical_length for h in self.heads) // len(self.heads)
+        return self.physical_length
 
     def dims(self) -> tuple[int, int, int, int]:
         """``(batch, kv_heads, head_dim, bytes per element)`` without building a dense view."""
@@ -435,6 +443,9 @@ class KVPolicyCache(Cache):
         # a selector pooling every layer (global allocation): layers keep a first-stage superset at prefill,
         # then _pool_layers() prunes them together
         self._pooled = policy.selector.spans_layers()
+        #: compress multi-token forwards (False: they are appended as they are, e.g. a question read after a
+        #: compressed context, see kvpolicy.context); decode rules act either way
+        self.compressing = True
 
     # --- called by the model hook (kvpolicy.integrate) before each forward
     def begin_forward(self, q_len: int, valid: Tensor | None, is_image: Tensor | None) -> None:
@@ -471,11 +482,23 @@ class KVPolicyCache(Cache):
         if self.observing:
             layer.saved_counts = (layer.n_before, layer.image_seen)
         layer.append(key_states, value_states, info)
-        layer.pending = q > 1 and not self.observing
+        layer.pending = q > 1 and not self.observing and self.compressing
         return layer.handles()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].n_seen if layer_idx < len(self.layers) else 0
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The cache's state now, for :meth:`rollback` (cheap: tensors are shared, not copied; appends after
+        it write past the lengths it recorded, compressions build new tensors)."""
+        return {"layers": [_layer_state(layer) for layer in self.layers],
+                "cache": {k: self.__dict__[k] for k in ("seen_valid", "_info", "_budgets", "compressing")}}
+
+    def rollback(self, state: dict[str, Any]) -> None:
+        """Return to a :meth:`checkpoint`: every token appended (and every compression) since is undone."""
+        for layer, d in zip(self.layers, state["layers"]):
+            _restore_layer(layer, d)
+        self.__dict__.update(state["cache"])
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens from every layer (see :meth:`KVPolicyLayer.crop`); the per-row count of
@@ -636,7 +659,8 @@ class KVPolicyCache(Cache):
         n_valid = self.seen_valid.cpu()
         lb = self.policy.layer_budget(layer.layer_idx, self.n_layers, n_valid)
         return DecodeView(layer_idx=layer.layer_idx, n_layers=self.n_layers, n_seen=layer.n_seen,
-                          length=layer.physical_length, target=int(lb.total.max()), state=layer.state, budget=lb)
+                          length=layer.physical_length, target=int(lb.total.max()), state=layer.state, budget=lb,
+                          entries=layer.mean_length)
 
     def _run_policy(self, layer: KVPolicyLayer, ctx: CompressionContext, phase: str, event_name: str) -> None:
         ev = self._event(layer, phase, event_name)
@@ -721,6 +745,28 @@ class KVPolicyCache(Cache):
                 bytes_full=full, bytes_now=_kv_bytes(layer), seconds=sum(e.seconds for e in evs),
                 events=len(evs)))
         return CacheReport(policy=self.policy.name, layers=rows)
+
+
+def _layer_state(layer: KVPolicyLayer) -> dict[str, Any]:
+    d = dict(layer.__dict__)
+    d["state"] = copy.deepcopy(layer.state)
+    d["events"] = list(layer.events)
+    d["_buffers"] = dict(layer._buffers)
+    if layer.heads is not None:  # a ragged layer: its heads are layers of their own
+        d["heads"] = [(head, _layer_state(head)) for head in layer.heads]
+    return d
+
+
+def _restore_layer(layer: KVPolicyLayer, d: dict[str, Any]) -> None:
+    layer.__dict__.clear()
+    layer.__dict__.update(d)
+    layer.state = copy.deepcopy(d["state"])
+    layer.events = list(d["events"])
+    layer._buffers = dict(d["_buffers"])
+    if d["heads"] is not None:
+        for head, hd in d["heads"]:
+            _restore_layer(head, hd)
+        layer.__dict__["heads"] = [head for head, _ in d["heads"]]
 
 
 def _kv_bytes(layer: KVPolicyLayer) -> int:

@@ -117,12 +117,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"budget": args.budget} if args.budget is not None else {}
     policy = load_policy(args.policy, **overrides)
     context = _read_text(args.prompt_file, "--prompt-file")  # bad input fails before the model loads
+    if args.questions_file is not None:
+        if args.question is not None:
+            raise SystemExit("kvpolicy run: give --question or --questions-file, not both")
+        questions = [q.strip() for q in _read_text(args.questions_file, "--questions-file").splitlines() if q.strip()]
+        if not questions:
+            raise SystemExit(f"kvpolicy run: --questions-file {args.questions_file} holds no question (one per line)")
+        return _run_questions(args, policy, context, questions)
     model, tok = _load_model(args.model)
     answer, report, dt = generate_answer(model, tok, context, args.question or "", policy, args.max_new_tokens)
     print(f"policy: {policy.name} ({policy.budget.describe()})")
     print(f"answer: {answer}")
     print(report)
     print(f"generation took {dt:.1f} s")
+    return 0
+
+
+def _run_questions(args: argparse.Namespace, policy: Any, context: str, questions: list[str]) -> int:
+    """The context compressed once, then every question answered from it (kvpolicy.CompressedContext)."""
+    from kvpolicy.context import CompressedContext
+
+    model, tok = _load_model(args.model)
+    with CompressedContext(model, tok, context, policy) as ctx:
+        print(f"policy: {policy.name} ({policy.budget.describe()})")
+        print(f"context: {len(ctx.context_ids)} tokens, prefilled and compressed once in {ctx.prefill_seconds:.1f} s")
+        for i, q in enumerate(questions, 1):
+            a = ctx.ask(q, max_new_tokens=args.max_new_tokens)
+            print(f"[{i}] question: {q}\n[{i}] answer: {a.text}  ({a.seconds:.1f} s)")
+        print(ctx.report)
     return 0
 
 
@@ -220,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", required=True, help="preset name or YAML/JSON/TOML file")
     run.add_argument("--prompt-file", required=True, help="text file with the context")
     run.add_argument("--question", default=None, help="question appended after the context")
+    run.add_argument("--questions-file", default=None,
+                     help="text file with one question per line: the context is compressed once, each question "
+                          "answered from that state")
     run.add_argument("--budget", type=_budget, default=None,
                      help=f"overrides the policy's budget: {_escape(BUDGET_ALLOWED)}")
     run.add_argument("--model", default=None, help="local transformers model directory (default: embedded SmolLM2)")

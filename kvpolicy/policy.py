@@ -351,10 +351,11 @@ class DecodeView:
     layer_idx: int
     n_layers: int
     n_seen: int  # logical tokens seen before this forward
-    length: int  # physical entries now
+    length: int  # physical slots now (a ragged layer: its longest head; KeepIndices index these slots)
     target: int  # entries the policy's budget allows at ``n_seen`` (max over rows)
     state: dict[str, Any]
     budget: LayerBudget | None = None  # the layer budget ``target`` comes from (ratio, sink, per-row seen)
+    entries: int | None = None  # entries per KV head, the mean over the heads (None: ``length``)
 
 
 @dataclass

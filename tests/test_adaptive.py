@@ -212,3 +212,21 @@ def test_adaptive_presets_on_smollm2_hold_only_what_they_keep(smollm2, smol_pass
         if preset == "kvzip":  # one top-k over every layer: layers keep different totals
             totals = {int(layer.valid.sum()) for layer in cache.layers}
             assert len(totals) > 1
+
+
+def test_pooled_layers_are_traced_as_compress_then_pool_spans():
+    from kvpolicy import telemetry_setup
+
+    tel = telemetry_setup.in_memory()
+    try:
+        model = make_tiny_llama(layers=3, heads=4, kv_heads=2, hidden=64)
+        ids = torch.randint(3, 120, (1, 200), generator=torch.Generator().manual_seed(8))
+        with torch.inference_mode(), kvpolicy.compress(model, "snapkv-global", budget=0.25) as cache:
+            model(input_ids=ids, cache=cache)
+        spans = [s for s in tel.finished_spans() if s.name == "kvpolicy.compress"]
+    finally:
+        tel.shutdown()
+    events = [(s.attributes["kvpolicy.layer"], s.attributes["kvpolicy.event"]) for s in spans]
+    assert events == [(i, "compress") for i in range(3)] + [(i, "pool") for i in range(3)]
+    kept = [s.attributes["kvpolicy.tokens_kept"] for s in spans if s.attributes["kvpolicy.event"] == "pool"]
+    assert kept == [int(layer.valid.sum()) // 2 for layer in cache.layers] and sum(kept) == 3 * 50

@@ -10,7 +10,6 @@ serves every metric. Tokens after the context are fed one at a time, with their 
 
 from __future__ import annotations
 
-import copy
 import inspect
 import time
 from collections.abc import Callable
@@ -67,35 +66,12 @@ class BenchConfig:
 
 # --------------------------------------------------------------------------------------------- cache forks
 def snapshot(cache: KVPolicyCache) -> dict[str, Any]:
-    """The cache's state, to restore after a branch. Tensors are never updated in place, so they are shared."""
-    return {"layers": [_layer_snapshot(layer) for layer in cache.layers],
-            "cache": {k: cache.__dict__[k] for k in ("seen_valid", "_info", "_budgets") if k in cache.__dict__}}
-
-
-def _layer_snapshot(layer: Any) -> dict[str, Any]:
-    d = dict(layer.__dict__)
-    d["state"] = copy.deepcopy(layer.state)
-    d["events"] = list(layer.events)
-    if layer.heads is not None:  # a ragged layer: its heads are layers of their own
-        d["heads"] = [(head, _layer_snapshot(head)) for head in layer.heads]
-    return d
-
-
-def _layer_restore(layer: Any, d: dict[str, Any]) -> None:
-    layer.__dict__.clear()
-    layer.__dict__.update(d)
-    layer.state = copy.deepcopy(d["state"])
-    layer.events = list(d["events"])
-    if d["heads"] is not None:
-        for head, hd in d["heads"]:
-            _layer_restore(head, hd)
-        layer.__dict__["heads"] = [head for head, _ in d["heads"]]
+    """The cache's state, to restore after a branch (:meth:`KVPolicyCache.checkpoint`)."""
+    return cache.checkpoint()
 
 
 def restore(cache: KVPolicyCache, snap: dict[str, Any]) -> None:
-    for layer, d in zip(cache.layers, snap["layers"]):
-        _layer_restore(layer, d)
-    cache.__dict__.update(snap["cache"])
+    cache.rollback(snap)
 
 
 class Recorder:
