@@ -4,8 +4,9 @@
 
 The context is ``kvpolicy bench``'s sample (seed 0). For each policy and context: the prefill time (median
 of ``--repeats``; the policies alternate within each repeat so a change of machine load hits them all),
-the KV peak during the prefill (the largest sum of every layer's key/value bytes seen after a layer's
-attention and compression, i.e. what the cache held while the next layer ran; activations excluded) and
+the KV peak during the prefill (the largest sum of every layer's key/value bytes, sampled when a layer's new
+entries arrive and after its compression: the compressed layers plus the one whole layer being computed;
+activations excluded) and
 the bytes held after it, each over the full cache's bytes. One torch thread.
 """
 
@@ -30,13 +31,21 @@ def prefill(model, tok, policy, ids):  # noqa: ANN001, ANN201
     """One prefill: (seconds, KV peak bytes, bytes held, full bytes)."""
     peak = [0]
     with torch.inference_mode(), kvpolicy.compress(model, policy, tokenizer=tok) as cache:
-        inner = cache.after_attention
+        inner_update, inner_after = cache.update, cache.after_attention
 
-        def after_attention(layer_idx, query, scaling):  # noqa: ANN001, ANN202
-            inner(layer_idx, query, scaling)
+        def held() -> None:
             peak[0] = max(peak[0], sum(_kv_bytes(la) for la in cache.layers if la.is_initialized))
 
-        cache.after_attention = after_attention
+        def update(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            out = inner_update(*args, **kwargs)
+            held()  # the new layer whole, before its compression
+            return out
+
+        def after_attention(layer_idx, query, scaling):  # noqa: ANN001, ANN202
+            inner_after(layer_idx, query, scaling)
+            held()
+
+        cache.update, cache.after_attention = update, after_attention
         t0 = time.perf_counter()
         model(input_ids=ids, cache=cache, logits_to_keep=1)
         seconds = time.perf_counter() - t0

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path(os.environ.get("KVPOLICY_CACHE", Path.home() / ".cache" / "kvpolicy")) / "smollm2-135m-instruct"
 PRESSES = ("snapkv", "streaming", "knorm", "tova", "expected-attention", "pyramidkv", "kvzip", "adakv-snapkv",
-           "adakv-expected-attention")
+           "adakv-expected-attention", "criticalkv")
 
 
 def load_metrics() -> Any:
@@ -60,6 +60,7 @@ def make_press(name: str, budget: float) -> Any:
         # AdaKV (kvpress's defaults: alpha_safeguard 0.20) masks what it evicts: the memory stays allocated
         "adakv-snapkv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
         "adakv-expected-attention": lambda: kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
+        "criticalkv": lambda: kvpress.CriticalKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
     }
     if name not in table:
         raise SystemExit(f"unknown press {name!r}; allowed: {', '.join(table)}")

@@ -153,14 +153,16 @@ def main() -> int:
             rs.sort(key=lambda r: (r.get("copy_nll", float("inf")) if not math.isnan(r.get("copy_nll", float("nan")))
                                    else float("inf")))
             parts += [f"### budget {b:g} (sorted by copy NLL)", "", table(full + rs), ""]
-        if a.plot_prefix:  # drawn elsewhere, so that another page's quality_N.png is never overwritten
-            with tempfile.TemporaryDirectory() as tmp:
-                pngs = [Path(shutil.move(p, out / (a.plot_prefix + p.name)))
-                        for p in report.plot_quality([r for r in summary if r["context"] == n], Path(tmp))]
-        else:
-            pngs = report.plot_quality([r for r in summary if r["context"] == n], out)
-        for p in pngs:
-            parts += [f"![quality vs budget, {n} tokens]({p.name})", ""]
+        for x, what in (("budget", "budget"), ("kv_ratio", "bytes held")):
+            rows_n = [r for r in summary if r["context"] == n]
+            if a.plot_prefix:  # drawn elsewhere, so that another page's quality_N.png is never overwritten
+                with tempfile.TemporaryDirectory() as tmp:
+                    pngs = [Path(shutil.move(p, out / (a.plot_prefix + p.name)))
+                            for p in report.plot_quality(rows_n, Path(tmp), x=x)]
+            else:
+                pngs = report.plot_quality(rows_n, out, x=x)
+            for p in pngs:
+                parts += [f"![quality vs {what}, {n} tokens]({p.name})", ""]
     if a.notes and Path(a.notes).is_file():
         parts += ["", Path(a.notes).read_text()]
     (out / a.page).write_text("\n".join(parts) + "\n")

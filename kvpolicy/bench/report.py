@@ -108,8 +108,12 @@ QUALITY_PLOTS = (("copy_nll", "long-range copy NLL (lower is better)"),
                  ("attention_mass", "attention mass retained"))
 
 
-def plot_quality(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per context length: each quality metric vs budget, a line per policy (full = dashed)."""
+def plot_quality(summary: list[dict[str, Any]], out_dir: Path, x: str = "budget") -> list[Path]:
+    """One PNG per context length: each quality metric vs ``x`` (``"budget"``, or ``"kv_ratio"``: the KV
+    bytes held over the full cache's), a line per policy (full = dashed)."""
+    xlabel = ("budget (share of the context kept)" if x == "budget"
+              else "KV bytes held (share of the full cache)")
+    name = "quality" if x == "budget" else "quality_bytes"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +133,7 @@ def plot_quality(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         colors = plt.get_cmap("tab20")
         for ax, (k, title) in zip(flat, metrics):
             for i, pol in enumerate(policies):
-                pts = sorted((r["budget"], r[k]) for r in rs if r["policy"] == pol and _is_num(r.get(k)))
+                pts = sorted((r[x], r[k]) for r in rs if r["policy"] == pol and _is_num(r.get(k)) and _is_num(r.get(x)))
                 if not pts:
                     continue
                 if pol == "full":
@@ -139,15 +143,15 @@ def plot_quality(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if peer else "o",
                             linestyle=":" if peer else "-", color=colors(i % 20), label=pol)
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel("budget (share of the context kept)")
+            ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
         for ax in flat[len(metrics):]:
             ax.axis("off")
         handles, labels = flat[0].get_legend_handles_labels()
         (flat[-1] if len(flat) > len(metrics) else flat[0]).legend(handles, labels, fontsize=7, loc="center")
-        fig.suptitle(f"quality vs budget, {n}-token contexts")
+        fig.suptitle(f"quality vs {'budget' if x == 'budget' else 'bytes held'}, {n}-token contexts")
         fig.tight_layout()
-        p = out_dir / f"quality_{n}.png"
+        p = out_dir / f"{name}_{n}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)

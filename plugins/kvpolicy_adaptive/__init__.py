@@ -6,8 +6,9 @@
   stored apart, so the bytes held are the entries kept.
 
 Presets: ``adakv-snapkv``, ``adakv-expected-attention``, ``h2o-global``, ``snapkv-global``, ``kvzip``
-(reconstruction score, pooled over layers; the uniform form is ``kvzip-uniform`` in the structured
-plugin), ``lookm-pivot-adakv`` (LOOK-M's text prior and pivotal merge with AdaKV allocation).
+(reconstruction score pooled over layers, floor 0.5, 10 % recent), ``kvzip-f0.2`` (pooled as kvpress
+does: no recent window, floor 0.2; the uniform form is ``kvzip-uniform`` in the structured plugin),
+``lookm-pivot-adakv`` (LOOK-M's text prior and pivotal merge with AdaKV allocation).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvpolicy_adaptive.allocation import Adaptive, allocation_key
 
 __all__ = ["Adaptive", "allocation_key"]
 
+KVZIP_SCORER: dict[str, Any] = {"name": "reconstruction", "chunk": 2048, "stride": 1}
 HEADS: dict[str, Any] = {"name": "adaptive", "scope": "heads", "floor": 0.2}
 LAYERS: dict[str, Any] = {"name": "adaptive", "scope": "layers", "floor": 0.2, "stage_cap": 3.0}
 
@@ -55,9 +57,12 @@ def kvpolicy_presets() -> list[Preset]:
         _preset("h2o-global", "H2O's accumulated attention pooled over every head of every layer "
                 "(two stages, cap 3x), 4 sinks and half the budget's share as recent floor per head",
                 h2o_budget, {"name": "accumulated-attention"}, LAYERS),
-        _preset("kvzip", "KVzip: context-reconstruction score, one top-k over every layer and head (floor "
-                "0.2), heads stored apart; 4 sinks",
-                {"ratio": 0.2, "sink": 4, "recent": 0}, {"name": "reconstruction", "chunk": 2048, "stride": 1},
+        _preset("kvzip", "KVzip: context-reconstruction score, one top-k over every layer and head, each "
+                "head keeping at least half its share; 4 sinks, 10 % recent; heads stored apart",
+                {"ratio": 0.2, "sink": 4, "recent": 0.1}, KVZIP_SCORER,
+                {"name": "adaptive", "scope": "layers", "floor": 0.5, "stage_cap": "all"}),
+        _preset("kvzip-f0.2", "KVzip pooled as kvpress does (4 sinks, no recent window), floor 0.2 per head",
+                {"ratio": 0.2, "sink": 4, "recent": 0}, KVZIP_SCORER,
                 {"name": "adaptive", "scope": "layers", "floor": 0.2, "stage_cap": "all"}),
         _preset("lookm-pivot-adakv", "LOOK-M (text prior, pivotal merge) with AdaKV allocation over the heads",
                 {"ratio": 0.2, "sink": 0, "recent": 0.5}, {"name": "accumulated-attention"}, HEADS,
