@@ -81,8 +81,7 @@ class KVPolicyLayer(DynamicLayer):
     acc = _Entry()
 
     def __init__(self, layer_idx: int) -> None:
-        self.__dict__["heads"] = None
-        self.heads: list[KVPolicyLayer] | None = None
+        self.__dict__["heads"] = None  # list[KVPolicyLayer] when ragged; set first: the entries read it
         super().__init__()
         self.layer_idx = layer_idx
         self.positions: Tensor | None = None
@@ -233,10 +232,13 @@ class KVPolicyLayer(DynamicLayer):
             key_bias=_bias_with_validity(self))
 
     def _map_batch(self, fn) -> None:  # noqa: ANN001
+        names = ["qbuf", "qbuf_pos"]
         if self.heads is not None:
             for h in self.heads:
                 h._map_batch(fn)
-        for name in ["qbuf", "qbuf_pos"] if self.heads is not None else self._per_entry() + ["qbuf", "qbuf_pos"]:
+        else:
+            names += self._per_entry()
+        for name in names:
             t = getattr(self, name)
             if t is not None and t.numel() > 0:
                 setattr(self, name, fn(t))
@@ -550,6 +552,7 @@ class KVPolicyCache(Cache):
             return None
         if not self._keep_acc and not _shrinks(self._budget(layer), layer):
             return None  # the layer keeps everything: nobody reads the statistic
+        layer.join_heads()  # a ragged layer's prefill: one dense copy, split again by the compression
         qpos, qvalid = _event_queries(layer, query)
         out, layer.query_colsum = observe.attention_with_colsum(
             query, layer.keys, layer.values, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
@@ -564,6 +567,7 @@ class KVPolicyCache(Cache):
 
     def _ctx(self, layer: KVPolicyLayer, phase: str, budget: LayerBudget, scaling: float, **kw: Any
              ) -> CompressionContext:
+        layer.join_heads()  # one dense copy for the event (not one per attribute read); apply() splits again
         return CompressionContext(
             layer_idx=layer.layer_idx, n_layers=self.n_layers, phase=phase, keys=layer.keys,
             values=layer.values, positions=layer.positions, valid=layer.valid, is_image=layer.is_image,
@@ -579,6 +583,8 @@ class KVPolicyCache(Cache):
         if not _shrinks(budget, layer):
             if self._keep_acc:
                 layer.acc = ctx.computed_accumulated()
+            if self.ragged:
+                layer.split_heads()  # _ctx joined a ragged layer for the event
             self._notify_prefill(layer)
             return
         self._run_policy(layer, ctx, "prefill", "compress")
@@ -646,8 +652,8 @@ class KVPolicyCache(Cache):
                 layer.alloc_key = None
                 ev = self._event(layer, "prefill", "pool")
                 with tracing.compress_span(ev):
-                    idx, kept = ops.topk_keep(key, max(1, int(c.max())), valid=valid[:, j * h:(j + 1) * h, :key.shape[-1]],
-                                              per_row=c)
+                    ok = valid[:, j * h:(j + 1) * h, :key.shape[-1]]
+                    idx, kept = ops.topk_keep(key, max(1, int(c.max())), valid=ok, per_row=c)
                     self._finish_event(layer, ev, Selection(indices=idx, kept=kept), None, {})
         for layer in self.layers:
             self._notify_prefill(layer)

@@ -103,7 +103,7 @@ def topk_keep(scores: Tensor, k: int, *, valid: Tensor, forced: Tensor | None = 
         order = order.gather(-1, torch.sort(f.to(torch.int8), dim=-1, descending=True, stable=True).indices)
     top = order[..., :k]
     rank_ok = torch.arange(k, device=scores.device).expand(b, h, k)
-    limit = (per_row.reshape(b, -1, 1) if per_row is not None else k)
+    limit = per_row.reshape(b, -1, 1) if per_row is not None else k
     kept = valid.gather(-1, top) & (rank_ok < limit)
     # ascending positions; fillers keep their slot order among themselves
     srt = torch.sort(top, dim=-1).indices
