@@ -80,10 +80,13 @@ class KVPolicyLayer(DynamicLayer):
     mult = _Entry()
     acc = _Entry()
 
-    def __init__(self, layer_idx: int) -> None:
+    def __init__(self, layer_idx: int, form: observe.AttentionForm = observe.PLAIN) -> None:
         self.__dict__["heads"] = None  # list[KVPolicyLayer] when ragged; set first: the entries read it
         super().__init__()
         self.layer_idx = layer_idx
+        #: the model's attention at this layer (soft-capping, sinks, sliding window); a layer with a window is
+        #: a sliding-window layer: never compressed, it keeps the last ``window - 1`` tokens (see :meth:`trim`)
+        self.form = form
         self.positions: Tensor | None = None
         self.valid: Tensor | None = None
         self.is_image: Tensor | None = None
@@ -105,6 +108,15 @@ class KVPolicyLayer(DynamicLayer):
         self.events: list[tracing.CompressionEvent] = []
         self._buffers: dict[str, Tensor] = {}  # per-entry storage with spare room (see _extend)
         self.alloc_key: Tensor | None = None  # [B, Hkv, S] first-stage allocation keys (layer-pooling selectors)
+
+    @property
+    def is_sliding(self) -> bool:  # transformers' layer flag
+        return self.form.window is not None
+
+    @property
+    def left_alone(self) -> str:
+        """Why the policy does not compress this layer ("" when it does)."""
+        return f"sliding window {self.form.window}: kept as a window" if self.is_sliding else ""
 
     # --- transformers layer API
     def get_seq_length(self) -> int:
@@ -138,7 +150,7 @@ class KVPolicyLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.__dict__["heads"] = None
-        self.__init__(self.layer_idx)
+        self.__init__(self.layer_idx, self.form)
 
     def _per_entry(self) -> list[str]:
         return list(PER_ENTRY)
@@ -187,7 +199,7 @@ class KVPolicyLayer(DynamicLayer):
         dense = {name: self.__dict__.get("_" + name) for name in PER_ENTRY}
         heads = []
         for i, n in enumerate(need.tolist()):
-            sub = KVPolicyLayer(self.layer_idx)
+            sub = KVPolicyLayer(self.layer_idx, self.form)
             sub.is_initialized, sub.device = True, self.device
             idx = order[:, i:i + 1, :n]
             for name, t in dense.items():
@@ -229,7 +241,7 @@ class KVPolicyLayer(DynamicLayer):
         qpos = torch.full((query.shape[0], query.shape[2]), self.n_seen - 1, device=query.device)
         self.acc = self.acc + observe.attention_colsum(
             query, self.keys, scaling=scaling, query_pos=qpos, key_pos=self.positions,
-            key_bias=_bias_with_validity(self))
+            key_bias=_bias_with_validity(self), form=self.form)
 
     def _map_batch(self, fn) -> None:  # noqa: ANN001
         names = ["qbuf", "qbuf_pos"]
@@ -277,11 +289,27 @@ class KVPolicyLayer(DynamicLayer):
         if n <= 0 or self.positions is None or self.physical_length == 0:
             return 0
         if n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n:
+            why = (f"fell out of its sliding window ({self.form.window})" if self.is_sliding else
+                   "were compressed (merged or evicted) since they were appended")
             raise CacheUsageError(
-                f"layer {self.layer_idx}: cannot remove the last {n} tokens: some of them were compressed "
-                f"(merged or evicted) since they were appended; only tokens appended since the last compression "
-                f"can be removed")
+                f"layer {self.layer_idx}: cannot remove the last {n} tokens: some of them {why}; only tokens "
+                f"appended since the last compression can be removed")
         return n
+
+    def trim(self, slack: int = 0) -> int:
+        """A sliding-window layer drops what no later query can see: with more than ``window - 1 + slack``
+        entries it keeps the last ``window - 1`` (copies, so the memory is freed). Returns the entries dropped.
+        A decode step trims with slack (one copy every ``slack`` tokens); a multi-token forward without."""
+        keep = self.form.window - 1
+        n = self.physical_length
+        if n <= keep + slack:
+            return 0
+        for name in self._per_entry():
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, (t[..., -keep:, :] if name in ("keys", "values") else t[..., -keep:]).clone())
+        self._buffers = {}
+        return n - keep
 
     # --- appending
     def append(self, key_states: Tensor, value_states: Tensor, info: ForwardInfo) -> None:
@@ -416,8 +444,12 @@ class KVPolicyLayer(DynamicLayer):
 class KVPolicyCache(Cache):
     """The cache that :func:`kvpolicy.compress` hands to ``model.generate(past_key_values=...)``."""
 
-    def __init__(self, policy: Policy, n_layers: int, *, kv_heads: int | None = None) -> None:
-        super().__init__(layers=[KVPolicyLayer(i) for i in range(n_layers)])
+    def __init__(self, policy: Policy, n_layers: int, *, kv_heads: int | None = None,
+                 forms: list[observe.AttentionForm] | None = None) -> None:
+        forms = forms if forms is not None else [observe.PLAIN] * n_layers
+        if len(forms) != n_layers:
+            raise CacheUsageError(f"{len(forms)} attention forms for {n_layers} layers; give one per layer")
+        super().__init__(layers=[KVPolicyLayer(i, f) for i, f in enumerate(forms)])
         self.policy = policy
         self.n_layers = n_layers
         self.kv_heads = kv_heads
@@ -479,12 +511,12 @@ class KVPolicyCache(Cache):
         layer: KVPolicyLayer = self.layers[layer_idx]
         q = key_states.shape[-2]
         info = self._info if self._info is not None and self._info.q_len == q else ForwardInfo(q_len=q)
-        if q == 1 and layer.physical_length > 0:
+        if q == 1 and layer.physical_length > 0 and not layer.is_sliding:
             self._decode_step(layer)
         if self.observing:
             layer.saved_counts = (layer.n_before, layer.image_seen)
         layer.append(key_states, value_states, info)
-        layer.pending = q > 1 and not self.observing and self.compressing
+        layer.pending = q > 1 and not self.observing and self.compressing and not layer.is_sliding
         return layer.handles()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -522,6 +554,9 @@ class KVPolicyCache(Cache):
     def after_attention(self, layer_idx: int, query: Tensor, scaling: float) -> None:
         layer: KVPolicyLayer = self.layers[layer_idx]
         layer.scaling = scaling
+        if layer.is_sliding:
+            self._slide(layer, query.shape[2])
+            return
         if self._qwindow:
             layer.remember_queries(query, self._qwindow)
         if self.observing:
@@ -536,6 +571,25 @@ class KVPolicyCache(Cache):
                 self._pool_layers()
         elif self._keep_acc:
             layer.accumulate(query, scaling)
+
+    def _slide(self, layer: KVPolicyLayer, q: int) -> None:
+        """A sliding-window layer after its attention: an observe-only forward's entries are dropped again;
+        otherwise what fell out of the window is (at a multi-token forward: traced as a ``window`` event)."""
+        if self.observing:
+            layer.crop(-q)
+            layer.n_before, layer.image_seen = layer.saved_counts
+            return
+        if q == 1:
+            layer.trim(slack=max(64, layer.form.window // 16))
+            return
+        ev = self._event(layer, "prefill", "window")
+        with tracing.compress_span(ev):
+            layer.trim()
+            ev.tokens_kept, ev.image_tokens_kept = _kept_counts(layer)
+            ev.tokens_dropped = ev.tokens_in - ev.tokens_kept
+            ev.bytes_after = _kv_bytes(layer)
+            ev.figures = {"left_alone": layer.left_alone}
+        layer.events.append(ev)
 
     def fused_prefill_attention(self, layer_idx: int, query: Tensor, scaling: float) -> Tensor | None:
         """The prefill attention ``[B, H, q, D]`` with its column sums kept for the compression that follows,
@@ -556,7 +610,7 @@ class KVPolicyCache(Cache):
         qpos, qvalid = _event_queries(layer, query)
         out, layer.query_colsum = observe.attention_with_colsum(
             query, layer.keys, layer.values, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
-            key_bias=_bias_with_validity(layer), query_valid=qvalid)
+            key_bias=_bias_with_validity(layer), query_valid=qvalid, form=layer.form)
         return out
 
     def _budget(self, layer: KVPolicyLayer) -> LayerBudget:
@@ -572,7 +626,7 @@ class KVPolicyCache(Cache):
             layer_idx=layer.layer_idx, n_layers=self.n_layers, phase=phase, keys=layer.keys,
             values=layer.values, positions=layer.positions, valid=layer.valid, is_image=layer.is_image,
             budget=budget, scaling=scaling, key_bias=_bias_with_validity(layer), accumulated=layer.acc,
-            multiplicity=layer.mult, state=layer.state, **kw)
+            multiplicity=layer.mult, state=layer.state, form=layer.form, **kw)
 
     def _compress_prefill(self, layer: KVPolicyLayer, query: Tensor, scaling: float) -> None:
         budget = self._budget(layer)
@@ -604,7 +658,7 @@ class KVPolicyCache(Cache):
         old = layer.physical_length - q
         qpos, qvalid = _event_queries(layer, query)
         m = observe.attention_colmax(query, layer.keys, scaling=scaling, query_pos=qpos, key_pos=layer.positions,
-                                     key_bias=_bias_with_validity(layer), query_valid=qvalid)
+                                     key_bias=_bias_with_validity(layer), query_valid=qvalid, form=layer.form)
         m = m[..., :old]
         layer.recon = m if layer.recon is None else torch.maximum(layer.recon, m)
         layer.crop(-q)
@@ -659,7 +713,8 @@ class KVPolicyCache(Cache):
             self._notify_prefill(layer)
 
     def _notify_prefill(self, layer: KVPolicyLayer) -> None:
-        self.policy.decode.on_prefill(self._view(layer))
+        if not layer.is_sliding:
+            self.policy.decode.on_prefill(self._view(layer))
 
     def _view(self, layer: KVPolicyLayer) -> DecodeView:
         n_valid = self.seen_valid.cpu()
@@ -749,7 +804,7 @@ class KVPolicyCache(Cache):
                 image_tokens_in=layer.image_seen // max(1, b),
                 image_tokens_kept=image_kept // max(1, b),
                 bytes_full=full, bytes_now=_kv_bytes(layer), seconds=sum(e.seconds for e in evs),
-                events=len(evs)))
+                events=len(evs), left_alone=layer.left_alone))
         return CacheReport(policy=self.policy.name, layers=rows)
 
 
@@ -826,6 +881,7 @@ class LayerReport:
     bytes_now: int
     seconds: float
     events: int
+    left_alone: str = ""  # why the policy does not compress this layer (e.g. a sliding-window layer)
 
 
 @dataclass
@@ -858,7 +914,8 @@ class CacheReport:
         for r in self.layers:
             lines.append(f"{r.layer:>5} {r.tokens_seen:>6} {r.tokens_kept:>6} {r.tokens_merged:>6} "
                          f"{r.image_tokens_in:>6} {r.image_tokens_kept:>8} {_fmt_bytes(r.bytes_full):>10} "
-                         f"{_fmt_bytes(r.bytes_now):>10} {r.seconds * 1e3:>8.1f}")
+                         f"{_fmt_bytes(r.bytes_now):>10} {r.seconds * 1e3:>8.1f}"
+                         + (f"  ({r.left_alone})" if r.left_alone else ""))
         ratio = self.bytes_now / self.bytes_full if self.bytes_full else 1.0
         lines.append(f"total: KV {_fmt_bytes(self.bytes_full)} -> {_fmt_bytes(self.bytes_now)} "
                      f"({ratio:.1%}), compression time {self.seconds * 1e3:.1f} ms")

@@ -85,7 +85,7 @@ def _load_model(path: str | None) -> tuple[Any, Any]:
 
     if path not in _MODELS:
         try:
-            _MODELS[path] = models.load(path) if path else models.load_default()
+            _MODELS[path] = models.load_any(path)
         except (OSError, ValueError) as err:  # not a model directory, files missing, embedded model not installed
             where = f"--model {path!r}" if path else "the embedded model"
             raise CLIError(f"cannot load {where}: {err}") from None
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "answered from that state")
     run.add_argument("--budget", type=_budget, default=None,
                      help=f"overrides the policy's budget: {_escape(BUDGET_ALLOWED)}")
-    run.add_argument("--model", default=None, help="local transformers model directory (default: embedded SmolLM2)")
+    run.add_argument("--model", default=None, help="an embedded model (smollm2-135m-instruct, gemma3-270m) or a local transformers model directory "
+                     "(default: embedded SmolLM2)")
     run.add_argument("--max-new-tokens", type=_positive_int, default=64)
     _add_trace(run)
     run.set_defaults(func=cmd_run)

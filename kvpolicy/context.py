@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy import models
 from kvpolicy.errors import CacheUsageError
 
 SEPARATOR = "\n\n"
@@ -51,7 +52,8 @@ def split_prompt(tokenizer: Any, context: str, question: str) -> tuple[list[int]
     else:
         head, tail = context, SEPARATOR + question
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return encode(head), encode(tail)
+    lead = [] if getattr(tokenizer, "chat_template", None) else models.leading_special(tokenizer)
+    return lead + encode(head), encode(tail)
 
 
 class CompressedContext:

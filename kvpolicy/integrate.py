@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from kvpolicy import compat, tracing
-from kvpolicy.cache import KVPolicyCache
+from kvpolicy import compat, observe, tracing
+from kvpolicy.cache import KVPolicyCache, KVPolicyLayer, _bias_with_validity
 from kvpolicy.errors import CacheUsageError, UnsupportedModelError
 from kvpolicy.policy import Policy
 
@@ -53,15 +53,76 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling
     return out.reshape(b, h, q, d)
 
 
-def ragged_sdpa(query: Tensor, heads: list[Any], scaling: float) -> Tensor:
-    """Attention of ``query [B, H, q, D]`` over a ragged layer: KV head ``i`` (``heads[i]``, keys
-    ``[B, 1, S_i, D]`` and its own mask) serves query heads ``i*g .. (i+1)*g - 1`` (``g = H / Hkv``, the
-    GQA grouping of transformers' ``repeat_kv``). Exact: the same softmax over each head's own entries as a
-    dense layout padded with masked slots. Returns ``[B, H, q, D]``."""
+#: queries per chunk of a sliding-window layer's attention (each chunk sees at most ``chunk + window`` keys)
+WINDOW_CHUNK = 512
+
+
+def layer_attention(query: Tensor, layer: KVPolicyLayer, scaling: float,
+                    form: observe.AttentionForm | None = None) -> Tensor:
+    """Attention ``[B, H, q, D]`` of the ``q`` queries just appended to ``layer`` over its entries, in the
+    model's own form (``layer.form``: soft-capping, sinks, sliding window).
+
+    - plain attention: SDPA with the mask built from the entries' metadata (:func:`sdpa`);
+    - a sliding-window layer: :func:`window_attention` (query chunks over the keys each chunk can see);
+    - soft-capping or sinks, which SDPA cannot compute: fp32 query chunks
+      (:func:`kvpolicy.observe.attention_with_colsum` without the statistic);
+    - a ragged layer: KV head ``i`` (``layer.heads[i]``, keys ``[B, 1, S_i, D]``) serves query heads
+      ``i*g .. (i+1)*g - 1`` (``g = H / Hkv``, the GQA grouping of transformers' ``repeat_kv``), exact: the same
+      softmax over each head's own entries as a dense layout padded with masked slots.
+    """
+    form = layer.form if form is None else form
+    if layer.heads is not None:
+        g = query.shape[1] // len(layer.heads)
+        return torch.cat([layer_attention(query[:, i * g:(i + 1) * g], hd, scaling, form.group(i, g))
+                          for i, hd in enumerate(layer.heads)], dim=1)
+    if form.window is not None:
+        return window_attention(query, layer, scaling, form)
     q_len = query.shape[2]
-    g = query.shape[1] // len(heads)
-    return torch.cat([sdpa(query[:, i * g:(i + 1) * g], hd.keys, hd.values, hd.attention_mask(q_len, None), scaling,
-                           causal=q_len > 1) for i, hd in enumerate(heads)], dim=1)
+    if form.plain:
+        return sdpa(query, layer.keys, layer.values, layer.attention_mask(q_len, None), scaling, causal=q_len > 1)
+    b = query.shape[0]
+    qpos = torch.arange(layer.n_before, layer.n_seen, device=query.device).expand(b, q_len)
+    out, _ = observe.attention_with_colsum(query, layer.keys, layer.values, scaling=scaling, query_pos=qpos,
+                                           key_pos=layer.positions, key_bias=_bias_with_validity(layer),
+                                           query_valid=layer.valid_tail(q_len), form=form, sums=False)
+    return out
+
+
+def window_attention(query: Tensor, layer: KVPolicyLayer, scaling: float, form: observe.AttentionForm) -> Tensor:
+    """Sliding-window attention of the new queries ``[B, H, q, D]`` over an uncompressed layer (its entries are
+    every token in order, the same in each row and head): query ``p`` sees positions ``p - window < pos <= p``.
+
+    Queries go in chunks of :data:`WINDOW_CHUNK`; a chunk attends only the keys its window can reach, so a
+    prefill costs ``O(L · window)`` and no mask is larger than ``[B, 1, chunk, chunk + window]``.
+    """
+    b, _, q, _ = query.shape
+    w = form.window
+    old = layer.physical_length - q
+    pos = layer.positions[0, 0]  # [S] ascending
+    plain = form.softcap is None and form.sinks is None
+    outs = []
+    for lo in range(0, q, WINDOW_CHUNK):
+        hi = min(q, lo + WINDOW_CHUNK)
+        first = layer.n_before + lo
+        k0 = int(torch.searchsorted(pos, torch.tensor(first - w, device=pos.device), right=True))
+        k1 = old + hi
+        keys, values = layer.keys[:, :, k0:k1], layer.values[:, :, k0:k1]
+        kpos, valid = layer.positions[:, :1, k0:k1], layer.valid[:, :1, k0:k1]  # [B, 1, n]
+        qpos = torch.arange(first, layer.n_before + hi, device=query.device)  # [c]
+        qc = query[:, :, lo:hi]
+        if plain:
+            rel = qpos[None, None, :, None] - kpos[:, :, None, :]  # [B, 1, c, n]
+            vis = (valid[:, :, None, :] & (rel >= 0) & (rel < w)) | (rel == 0)  # a query always sees itself
+            mask = torch.zeros(vis.shape, dtype=torch.float32, device=query.device).masked_fill_(~vis, float("-inf"))
+            outs.append(sdpa(qc, keys, values, mask, scaling, causal=False))
+        else:
+            kv_valid = layer.valid[:, :, k0:k1]
+            bias = torch.zeros(kv_valid.shape, device=query.device).masked_fill_(~kv_valid, float("-inf"))
+            out, _ = observe.attention_with_colsum(
+                qc, keys, values, scaling=scaling, query_pos=qpos.expand(b, -1), key_pos=layer.positions[:, :, k0:k1],
+                key_bias=bias, query_valid=layer.valid[:, 0, old + lo:old + hi], form=form, sums=False)
+            outs.append(out)
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
 def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -72,9 +133,9 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     if cache is None:
         raise CacheUsageError("the 'kvpolicy' attention implementation only runs inside "
                               "`with kvpolicy.compress(model, policy) as cache:`")
-    _check_attention_arguments(module, dropout, kwargs)
     layer_idx = module.layer_idx
     layer = cache.layers[layer_idx]
+    _check_attention_arguments(module, dropout, kwargs, layer.form)
     if not layer.holds(key):
         raise CacheUsageError(f"layer {layer_idx} attended over keys that are not the kvpolicy cache's: inside "
                               "kvpolicy.compress(), pass cache=cache (or past_key_values=cache) to "
@@ -82,10 +143,8 @@ def kvpolicy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len = query.shape[2]
     out = cache.fused_prefill_attention(layer_idx, query, scale)
-    if out is None and layer.heads is not None:
-        out = ragged_sdpa(query, layer.heads, scale)
-    elif out is None:
-        out = sdpa(query, key, value, layer.attention_mask(q_len, None), scale, causal=q_len > 1)
+    if out is None:
+        out = layer_attention(query, layer, scale)
     cache.after_attention(layer_idx, query, scale)
     return out.transpose(1, 2).contiguous(), None
 
@@ -97,9 +156,21 @@ _UNDERSTOOD = frozenset({"position_ids", "cache_position", "use_cache", "positio
                          "cache"})
 
 
-def _check_attention_arguments(module: nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
+def _check_attention_arguments(module: nn.Module, dropout: float, kwargs: dict[str, Any],
+                               form: observe.AttentionForm) -> None:
     """Refuse, by name, any argument that would change the attention the kvpolicy function computes
-    (soft-capping, sinks, sliding windows, dropout, non-causal attention, returned weights, ...)."""
+    (dropout, non-causal attention, returned weights, ...). Soft-capping (``softcap``), sinks (``s_aux``) and
+    sliding windows (``sliding_window``) are computed (``form``, read from the model when the block opened):
+    they are accepted when they are what the layer's form says, refused otherwise."""
+    expected = {"softcap": form.softcap, "sliding_window": form.window}
+    for name, want in expected.items():
+        got = kwargs.get(name)
+        if got is not None and got == want:
+            kwargs = {k: v for k, v in kwargs.items() if k != name}
+    sinks = kwargs.get("s_aux")
+    if isinstance(sinks, Tensor) and form.sinks is not None and sinks.shape == form.sinks.shape and bool(
+            (sinks.detach().float() == form.sinks.float()).all()):
+        kwargs = {k: v for k, v in kwargs.items() if k != "s_aux"}
     bad = sorted(k for k, v in kwargs.items() if k not in _UNDERSTOOD and v is not None and v is not False)
     if kwargs.get("is_causal") is True:
         bad.remove("is_causal")
@@ -109,8 +180,16 @@ def _check_attention_arguments(module: nn.Module, dropout: float, kwargs: dict[s
         shown = ", ".join(b if "=" in b else f"{b}={_show(kwargs[b])}" for b in bad)
         raise UnsupportedModelError(
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) calls its attention with {shown}, "
-            f"which the kvpolicy attention does not implement; allowed: plain causal softmax attention with a "
-            f"scaling factor, in eval mode (no dropout)")
+            f"which the kvpolicy attention does not implement (or which differs from the layer's form read from "
+            f"the model: {_describe(form)}); allowed: causal softmax attention with a scaling factor, "
+            f"soft-capping, sinks and a sliding window as the model declares them, in eval mode (no dropout)")
+
+
+def _describe(form: observe.AttentionForm) -> str:
+    parts = [f"softcap={form.softcap}" if form.softcap is not None else "",
+             f"sinks {list(form.sinks.shape)}" if form.sinks is not None else "",
+             f"sliding_window={form.window}" if form.window is not None else ""]
+    return ", ".join(p for p in parts if p) or "plain"
 
 
 def _show(v: Any) -> str:
@@ -140,27 +219,21 @@ def check_model(model: nn.Module) -> tuple[Any, list[nn.Module]]:
             f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank={text.kv_lora_rank}): its "
             f"keys and values are projected from a shared low-rank latent, which the kvpolicy cache does not "
             f"model; allowed: models whose attention caches per-head keys and values (MHA, GQA, MQA)")
-    for attr in ("attn_logit_softcapping", "attention_chunk_size"):
-        if getattr(text, attr, None):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} uses {attr}={getattr(text, attr)}, which the kvpolicy attention does not "
-                f"implement; allowed: plain causal softmax attention")
+    chunk = getattr(text, "attention_chunk_size", None)
+    if chunk:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses chunked attention (attention_chunk_size={chunk}), which the kvpolicy "
+            f"attention does not implement; allowed: full-attention and sliding-window layers")
     types = getattr(text, "layer_types", None)
     if types is not None:
-        bad = sorted({t for t in types if t != "full_attention"})
+        bad = {i: t for i, t in enumerate(types) if t not in LAYER_TYPES}
         if bad:
+            shown = ", ".join(f"{i}: {t!r}" for i, t in list(bad.items())[:6]) + (", ..." if len(bad) > 6 else "")
             raise UnsupportedModelError(
-                f"{type(model).__name__} has layers of type {bad}; the kvpolicy cache serves only "
-                f"'full_attention' layers (sliding-window, chunked and linear-attention layers are not supported)")
-    elif getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
-        raise UnsupportedModelError(f"{type(model).__name__} uses sliding-window attention "
-                                    f"(sliding_window={text.sliding_window}); only full attention is supported")
+                f"{type(model).__name__} has layers the kvpolicy cache cannot serve ({shown}); allowed: "
+                f"'full_attention' layers (compressed by the policy) and 'sliding_attention' layers (kept as sliding "
+                f"windows); chunked-attention, linear-attention and state-space layers are not supported")
     mods = attention_modules(model)
-    sinks = [m.layer_idx for m in mods if isinstance(getattr(m, "sinks", None), Tensor)]
-    if sinks:
-        raise UnsupportedModelError(f"{type(model).__name__} has learned attention sinks (layers {sinks[:4]}...), "
-                                    f"which the kvpolicy attention does not implement; allowed: plain causal "
-                                    f"softmax attention")
     n = getattr(text, "num_hidden_layers", None)
     if not mods or n is None or len(mods) != n or [m.layer_idx for m in mods] != list(range(n)):
         raise UnsupportedModelError(
@@ -168,6 +241,32 @@ def check_model(model: nn.Module) -> tuple[Any, list[nn.Module]]:
             f"num_hidden_layers={n}; kvpolicy needs exactly one per layer (models that share KV across layers "
             f"or have no layer_idx are not supported)")
     return text, mods
+
+
+#: the layer types kvpolicy serves (transformers' ``config.layer_types``)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_forms(model: nn.Module, text: Any, mods: list[nn.Module]) -> list[observe.AttentionForm]:
+    """Each layer's attention form: soft-capping (``attn_logit_softcapping``), learned sinks (a module's
+    ``sinks``), and the window of a sliding-window layer (``layer_types``, or every layer of a model with a
+    ``sliding_window`` and no layer types, as transformers' own cache reads it)."""
+    types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if types is None and not getattr(text, "use_sliding_window", True):
+        window = None
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    forms = []
+    for m in mods:
+        sliding = types[m.layer_idx] == "sliding_attention" if types is not None else window is not None
+        if sliding and not isinstance(window, int):
+            raise UnsupportedModelError(f"{type(model).__name__}: layer {m.layer_idx} is a sliding-window layer but "
+                                        f"the config's sliding_window is {window!r}; allowed: a positive int")
+        sinks = getattr(m, "sinks", None)
+        forms.append(observe.AttentionForm(softcap=float(softcap) if softcap else None,
+                                           sinks=sinks.detach() if isinstance(sinks, Tensor) else None,
+                                           window=window if sliding else None))
+    return forms
 
 
 def visual_token_ids(model: nn.Module) -> list[int]:
@@ -204,7 +303,8 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
     for m in mods:
         if id(m) in _BINDINGS:
             raise CacheUsageError("this model is already inside a kvpolicy.compress() block; nest nothing")
-    cache = KVPolicyCache(policy, len(mods), kv_heads=getattr(text, "num_key_value_heads", None))
+    cache = KVPolicyCache(policy, len(mods), kv_heads=getattr(text, "num_key_value_heads", None),
+                          forms=layer_forms(model, text, mods))
     cache.tokenizer = tokenizer
     visual = visual_token_ids(model)
     configs = {id(m.config): m.config for m in mods}

@@ -9,11 +9,41 @@ over the group (GQA).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kvpolicy.ops import DEFAULT_CHUNK_BYTES, chunk_rows
+
+
+@dataclass(frozen=True)
+class AttentionForm:
+    """What a model's attention adds to ``softmax(scale · Q·Kᵀ + bias) · V``; every statistic here and the
+    kvpolicy attention compute the same form, so a score is the attention the model really gives.
+
+    - ``softcap``: logits become ``softcap · tanh(logits / softcap)`` before masking (Gemma 2).
+    - ``sinks``: ``[H]`` fp32 learned logits, one per query head, that join each softmax's denominator and
+      take their share of the probability mass without a value (gpt-oss's ``s_aux``).
+    - ``window``: a query at position ``p`` sees entries at positions ``> p - window`` (sliding-window layers).
+    """
+
+    softcap: float | None = None
+    sinks: Tensor | None = None
+    window: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.softcap is None and self.sinks is None and self.window is None
+
+    def group(self, i: int, g: int) -> AttentionForm:
+        """The form for KV head ``i``'s query group (``g`` query heads): its share of the sinks."""
+        if self.sinks is None:
+            return self
+        return AttentionForm(self.softcap, self.sinks[i * g:(i + 1) * g], self.window)
+
+
+PLAIN = AttentionForm()
 
 
 def attention_colsum(
@@ -26,6 +56,7 @@ def attention_colsum(
     key_bias: Tensor | None = None,
     query_valid: Tensor | None = None,
     max_bytes: int = DEFAULT_CHUNK_BYTES,
+    form: AttentionForm = PLAIN,
 ) -> Tensor:
     """Sum over queries of the attention each key receives (column sums of the softmax).
 
@@ -39,11 +70,13 @@ def attention_colsum(
         key_pos: ``[B, Hkv, S]`` logical positions of the entries.
         key_bias: ``[B, Hkv, S]`` fp32 additive logit bias (``-inf`` = invalid entry, ``log n`` = merged).
         query_valid: ``[B, Q]`` bool; invalid (padding) queries contribute nothing.
+        form: soft-capping, sinks, window of the model's attention (:class:`AttentionForm`).
     Returns:
         ``[B, Hkv, S]`` fp32: per KV head, the mean over its query heads of the summed attention.
     """
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
+                                 form):
         out[..., : probs.shape[-1]] += probs.sum(dim=3).mean(dim=2)
     return out
 
@@ -59,40 +92,47 @@ def attention_with_colsum(
     key_bias: Tensor | None = None,
     query_valid: Tensor | None = None,
     max_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> tuple[Tensor, Tensor]:
+    form: AttentionForm = PLAIN,
+    sums: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """The attention output and :func:`attention_colsum` from one pass over the probabilities.
 
     A prefill whose scorer needs the accumulated attention of every query (H2O, LOOK-M, Elastic Cache,
     KVMerger) would otherwise compute ``Q·Kᵀ`` and the softmax twice: once inside SDPA, once for the
     statistic. Here each fp32 query chunk's probabilities give both ``probs @ V`` and their column sums.
-    Same arguments as :func:`attention_colsum`, plus ``values [B, Hkv, S, Dv]``.
+    Same arguments as :func:`attention_colsum`, plus ``values [B, Hkv, S, Dv]``; ``sums=False`` skips the
+    statistic (the attention alone, for a model form SDPA cannot compute: soft-capping, sinks).
 
     Returns:
-        ``([B, H, Q, Dv]`` output in the queries' dtype (0 for invalid queries), ``[B, Hkv, S]`` fp32 sums).
+        ``([B, H, Q, Dv]`` output in the queries' dtype (0 for invalid queries), ``[B, Hkv, S]`` fp32 sums or
+        None).
     """
     b, h, q, _ = queries.shape
     hkv, dv = values.shape[1], values.shape[-1]
     g = h // hkv
     v32 = values.detach().float()
     out = torch.empty(b, hkv, g, q, dv, dtype=queries.dtype, device=queries.device)
-    sums = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for lo, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+    acc = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device) if sums else None
+    for lo, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
+                                  form):
         c, n = probs.shape[3], probs.shape[4]
         # [B, Hkv, g*c, n] @ [B, Hkv, n, Dv]: one batched matmul per KV head, no broadcast over the group
         out[:, :, :, lo: lo + c] = (probs.view(b, hkv, g * c, n) @ v32[:, :, :n]).view(b, hkv, g, c, dv)
-        sums[..., :n] += probs.sum(dim=3).mean(dim=2)
-    return out.view(b, h, q, dv), sums
+        if acc is not None:
+            acc[..., :n] += probs.sum(dim=3).mean(dim=2)
+    return out.view(b, h, q, dv), acc
 
 
 def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tensor, key_pos: Tensor,
-                 key_bias: Tensor | None, query_valid: Tensor | None, max_bytes: int
-                 ) -> Iterator[tuple[int, Tensor]]:
+                 key_bias: Tensor | None, query_valid: Tensor | None, max_bytes: int,
+                 form: AttentionForm = PLAIN) -> Iterator[tuple[int, Tensor]]:
     """``(first query index, softmax probabilities [B, Hkv, group, q_chunk, S'] fp32)``, one query chunk at
     a time (0 where a query is invalid or sees nothing).
 
     Entries are kept in ascending position order, so the keys a chunk can see form a prefix: ``S'`` is
     the length of that prefix (keys after it are invisible to every query of the chunk), which skips
-    the upper triangle of a causal prefill (about half the work).
+    the upper triangle of a causal prefill (about half the work). ``form`` adds soft-capping, sinks and a
+    window (:class:`AttentionForm`).
     """
     b, h, q, d = queries.shape
     hkv, s = keys.shape[1], keys.shape[2]
@@ -107,6 +147,7 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     # valid until the next chunk.
     logits_buf = torch.empty(b * h * step * s, dtype=torch.float32, device=keys.device)
     probs_buf = torch.empty_like(logits_buf)
+    sinks = None if form.sinks is None else form.sinks.detach().float().view(1, hkv, g, 1, 1)
     for lo in range(0, q, step):
         hi = min(q, lo + step)
         c = hi - lo
@@ -115,16 +156,29 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
         n_all = int((key_pos <= first).sum(-1).min())  # leading entries every query of the chunk sees
         if not (bool((key_pos[..., n:] > last).all()) and bool((key_pos[..., :n_all] <= first).all())):
             n, n_all = s, 0  # positions not sorted: no prefix shortcuts
+        if form.window is not None:
+            n_all = 0  # the window hides leading entries from later queries: every column is masked
         qc = (queries[:, :, lo:hi].float() * scaling).reshape(b, hkv, g * c, d)
         logits = logits_buf[: b * h * c * n].view(b, hkv, g * c, n)
         torch.matmul(qc, k32[:, :, :n].transpose(-1, -2), out=logits)
         logits = logits.view(b, hkv, g, c, n)
+        if form.softcap is not None:  # before the bias and the mask, as the models apply it
+            logits.div_(form.softcap).tanh_().mul_(form.softcap)
         if key_bias is not None:
             logits.add_(key_bias[:, :, None, None, :n])
         if n_all < n:  # causal mask on the columns some query of the chunk must not see (the diagonal block)
-            hidden = key_pos[:, :, None, None, n_all:n] > query_pos[:, None, None, lo:hi, None]
+            kp, qp = key_pos[:, :, None, None, n_all:n], query_pos[:, None, None, lo:hi, None]
+            hidden = kp > qp
+            if form.window is not None:
+                hidden |= kp <= qp - form.window
             logits[..., n_all:n].masked_fill_(hidden, float("-inf"))
-        probs = torch.softmax(logits, dim=-1, out=probs_buf[: b * h * c * n].view(b, hkv, g, c, n))
+        out = probs_buf[: b * h * c * n].view(b, hkv, g, c, n)
+        if sinks is None:
+            probs = torch.softmax(logits, dim=-1, out=out)
+        else:  # the sink logit joins the denominator: p_j = exp(l_j - m) / (sum_k exp(l_k - m) + exp(sink - m))
+            m = torch.maximum(logits.amax(dim=-1, keepdim=True), sinks)
+            probs = torch.exp(torch.sub(logits, m, out=out), out=out)
+            probs.div_(probs.sum(dim=-1, keepdim=True) + torch.exp(sinks - m))
         dead = probs[..., :1].isnan()  # [B, Hkv, g, c, 1]: a query that sees nothing (an all -inf row)
         if query_valid is not None:
             dead = dead | ~query_valid[:, None, None, lo:hi, None]
@@ -143,6 +197,7 @@ def attention_colmax(
     key_bias: Tensor | None = None,
     query_valid: Tensor | None = None,
     max_bytes: int = DEFAULT_CHUNK_BYTES,
+    form: AttentionForm = PLAIN,
 ) -> Tensor:
     """Max over queries (and over the query heads of each KV group) of the attention each key receives.
 
@@ -150,7 +205,8 @@ def attention_colmax(
     Returns ``[B, Hkv, S]`` fp32 (0 for keys no valid query sees).
     """
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes):
+    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
+                                 form):
         n = probs.shape[-1]
         out[..., :n] = torch.maximum(out[..., :n], probs.amax(dim=(2, 3)))
     return out

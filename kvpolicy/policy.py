@@ -135,6 +135,9 @@ class CompressionContext:
     #: [B, Hkv, S] fp32, max attention each entry received from the queries of a context-reconstruction
     #: pass (set only for policies whose steps return a :class:`ReconstructionPlan`, see the cache)
     reconstruction: Tensor | None = None
+    #: the model's attention form at this layer (soft-capping, sinks): statistics use it, so scores are the
+    #: attention the model really gives; steps computing their own attention pass it on
+    form: observe.AttentionForm = observe.PLAIN
     state: dict[str, Any] = field(default_factory=dict)  # per-layer state of the policy's steps
     figures: dict[str, Any] = field(default_factory=dict)  # what the steps report (traced)
     _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
@@ -153,7 +156,8 @@ class CompressionContext:
 
     def _colsum(self, q: Tensor, qpos: Tensor, qvalid: Tensor | None) -> Tensor:
         return observe.attention_colsum(q, self.keys, scaling=self.scaling, query_pos=qpos,
-                                        key_pos=self.positions, key_bias=self.key_bias, query_valid=qvalid)
+                                        key_pos=self.positions, key_bias=self.key_bias, query_valid=qvalid,
+                                        form=self.form)
 
     def accumulated_attention(self, query_stride: int = 1) -> Tensor:
         """``[B, Hkv, S]``: attention each entry received from all queries so far (H2O's score).
@@ -203,7 +207,7 @@ class CompressionContext:
             q = self._need_queries("max attention")
             self._memo["max"] = observe.attention_colmax(
                 q, self.keys, scaling=self.scaling, query_pos=self.query_pos, key_pos=self.positions,
-                key_bias=self.key_bias, query_valid=self.query_valid)
+                key_bias=self.key_bias, query_valid=self.query_valid, form=self.form)
         return self._memo["max"]
 
     def reconstruction_attention(self) -> Tensor:

@@ -17,6 +17,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """``(model, tokenizer)`` of the packaged Gemma-3-270M (18 layers, 15 of them sliding-window), fp32."""
+    from kvpolicy import models
+
+    return models.load_default("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def austen():
     """Pride & Prejudice text (fetched from Debian's r-cran-janeaustenr on first use)."""
     from kvpolicy import data

@@ -163,7 +163,7 @@ def test_speed_measure_in_process(tiny, books, monkeypatch):
     from kvpolicy import data, models
 
     model, tok = tiny
-    monkeypatch.setattr(models, "load_default", lambda **kw: (model, tok))
+    monkeypatch.setattr(models, "load_default", lambda *a, **kw: (model, tok))
     monkeypatch.setattr(data, "austen_books", lambda: books)
     plain = speed.measure({"policy": "plain", "n_ctx": 256, "decode": 4})
     snap = speed.measure({"policy": "snapkv", "budget": 0.25, "n_ctx": 256, "decode": 4})

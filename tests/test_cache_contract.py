@@ -148,17 +148,6 @@ def test_an_attention_argument_the_kvpolicy_attention_does_not_implement_is_refu
                 kvpolicy_attention(attn, q, kv, kv, None, scaling=0.25, **kw)
 
 
-def test_a_model_with_logit_soft_capping_is_refused_up_front():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16, layer_types=["full_attention"] * 2,
-                       attn_logit_softcapping=50.0)
-    with pytest.raises(UnsupportedModelError, match=r"uses attn_logit_softcapping=50.0, which the kvpolicy attention"):
-        with kvpolicy.compress(Gemma2ForCausalLM(cfg).eval(), "snapkv"):
-            pass
-
-
 def test_budgets_follow_a_changed_policy_and_bool_scores_are_accepted():
     from kvpolicy import contract
     from kvpolicy.policy import Budget

@@ -89,3 +89,22 @@ def test_cli_questions_file(smollm2, passage, tmp_path, capsys):
     with pytest.raises(SystemExit, match="holds no question"):
         cli.main(["run", "--policy", "snapkv", "--prompt-file", str(tmp_path / "ctx.txt"), "--questions-file",
                   str(tmp_path / "empty.txt")])
+
+
+@pytest.mark.slow
+def test_many_questions_on_a_mixed_layer_model(gemma3):
+    """Gemma-3-270M (sliding-window layers, an explicit <bos>): the same answers as a fresh compression each,
+    its windows rolled back with the rest of the cache."""
+    from kvpolicy import data
+
+    model, tok = gemma3
+    passage = data.austen_passage(tok, 700)
+    head, _ = split_prompt(tok, passage, QUESTIONS[0])
+    assert head[0] == tok.bos_token_id and len(head) > 600  # longer than the 512-token windows
+    with kvpolicy.CompressedContext(model, tok, passage, "snapkv", budget=0.3) as ctx:
+        answers = [ctx.ask(q, max_new_tokens=6) for q in QUESTIONS]
+        assert all(len(layer.events) == 1 for layer in ctx.cache.layers)  # a compression or a window trim
+        assert sum(layer.is_sliding for layer in ctx.cache.layers) == 15
+    for q, a in zip(QUESTIONS, answers):
+        with kvpolicy.CompressedContext(model, tok, passage, "snapkv", budget=0.3) as fresh:
+            assert fresh.ask(q, max_new_tokens=6).tokens == a.tokens, q

@@ -294,19 +294,6 @@ def test_recent_window_larger_than_runtime_budget_fails_before_any_layer_changes
         assert all(layer.physical_length == 0 for layer in cache.layers), "nothing compressed halfway"
 
 
-def test_model_with_sliding_window_layers_is_refused():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
-                           layer_types=["sliding_attention", "full_attention"])
-    model = Gemma3ForCausalLM(cfg).eval()
-    with pytest.raises(UnsupportedModelError, match=r"sliding_attention.*full_attention"):
-        with kvpolicy.compress(model, "snapkv"):
-            pass
-    assert model.config._attn_implementation != "kvpolicy"
-
-
 def test_cache_used_outside_its_block_or_with_another_cache(tiny_llama):
     ids = torch.randint(3, 100, (1, 20))
     with kvpolicy.compress(tiny_llama, "snapkv") as cache:

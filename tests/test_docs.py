@@ -78,9 +78,9 @@ def docs_env(request, monkeypatch, tmp_path):
 
     real = models.load_default
 
-    def shared(**kwargs):
-        if kwargs:  # another dtype: a model of its own
-            return real(**kwargs)
+    def shared(name=models.DEFAULT_NAME, **kwargs):
+        if kwargs or name != models.DEFAULT_NAME:  # another model or dtype: a model of its own
+            return real(name, **kwargs)
         monkeypatch.setattr(models, "load_default", real)  # the fixture itself calls load_default()
         try:
             return request.getfixturevalue("smollm2")

@@ -1,4 +1,4 @@
-"""Vision-language models: modality from input ids, LOOK-M on LLaVA and Qwen2-VL (tiny random weights).
+"""Vision-language models: modality from input ids, LOOK-M on LLaVA, Qwen2-VL and Qwen2.5-VL (tiny random weights).
 
 Prompts have the shape ``[text][image tokens][question]`` with L = 160 positions and 144 visual ones, so
 that at budget 0.2 (M = N = 16) the text of the candidate part P is smaller than N and the images fill
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
 
 import kvpolicy
 from kvpolicy.integrate import attention_modules, visual_token_ids
@@ -33,6 +34,22 @@ def llava():
     return model, inputs
 
 
+#: the language model and special tokens of both tiny Qwen VLMs
+_QWEN_LM = dict(text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                  "rope_theta": 1e4}),
+                image_token_id=IMG, video_token_id=VID, vision_start_token_id=V_START, vision_end_token_id=V_END)
+
+
+def _qwen_inputs() -> dict[str, torch.Tensor]:
+    """``[text][vision start][144 image tokens][vision end][question]`` with a 24x24-patch image."""
+    ids = torch.cat([_text(2, 1), torch.tensor([[V_START]]), torch.full((1, N_IMG), IMG), torch.tensor([[V_END]]),
+                     _text(12, 2)], 1)
+    return {"input_ids": ids, "image_grid_thw": torch.tensor([[1, 24, 24]]), "mm_token_type_ids": (ids == IMG).int(),
+            "pixel_values": torch.randn(576, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(3))}
+
+
 @pytest.fixture(scope="module")
 def qwen2vl():
     """Tiny Qwen2-VL: a 24x24-patch grid merged 2x2 -> 144 visual tokens; multi-axis (mrope) positions."""
@@ -40,19 +57,25 @@ def qwen2vl():
     cfg = Qwen2VLConfig(
         vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
                            temporal_patch_size=2, in_channels=3),
-        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=V_START, vision_end_token_id=V_END)
+        **_QWEN_LM)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
-    ids = torch.cat([_text(2, 1), torch.tensor([[V_START]]), torch.full((1, N_IMG), IMG), torch.tensor([[V_END]]),
-                     _text(12, 2)], 1)
-    inputs = {"input_ids": ids, "image_grid_thw": torch.tensor([[1, 24, 24]]), "mm_token_type_ids": (ids == IMG).int(),
-              "pixel_values": torch.randn(576, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(3))}
-    return model, inputs
+    return model, _qwen_inputs()
 
 
-MODELS = ["llava", "qwen2vl"]
+@pytest.fixture(scope="module")
+def qwen25vl():
+    """Tiny Qwen2.5-VL: windowed vision attention (window 16 px), the same 144 merged visual tokens, mrope."""
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                           fullatt_block_indexes=[1]),
+        **_QWEN_LM)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    return model, _qwen_inputs()
+
+
+MODELS = ["llava", "qwen2vl", "qwen25vl"]
 
 
 def _generate(model, inputs, cache=None, new=6):
@@ -113,7 +136,7 @@ def test_lookm_pivot_keeps_text_and_reduces_images(name, request):
     assert len(got_pos) == len(ref_pos) == 6
     for a, b in zip(got_pos, ref_pos, strict=True):  # Qwen2-VL: [3, B, q] multi-axis positions
         assert torch.equal(a, b)
-    if name == "qwen2vl":  # mrope: 3 axes, and the 144 visual tokens span only 12 positions
+    if name in ("qwen2vl", "qwen25vl"):  # mrope: 3 axes, and the 144 visual tokens span only 12 positions
         assert ref_pos[-1].shape[0] == 3 and int(ref_pos[-1].max()) == 164 - (144 - 12)
     assert out.sequences.shape == (1, 166)
     assert all(lg.shape == (1, 128) for lg in out.logits)

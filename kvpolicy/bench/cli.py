@@ -10,7 +10,8 @@ from kvpolicy.bench.runner import ALL_METRICS, DEFAULT_POLICIES, BenchConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local transformers model directory (default: embedded SmolLM2)")
+    p.add_argument("--model", default=None, help="an embedded model (smollm2-135m-instruct, gemma3-270m) or a local transformers model directory "
+                     "(default: embedded SmolLM2)")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
                    help="preset names or config files, or 'all' (every registered preset); 'full' always runs "
                         "as the reference")
@@ -56,6 +57,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}"
-    model, tok = models.load(args.model) if args.model else models.load_default()
+    model, tok = models.load_any(args.model)
     run_bench(model, tok, cfg, out, model_path=args.model, plots=not args.no_plots)
     return 0

@@ -126,7 +126,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(spec["threads"]))
     name, budget, n_ctx = spec["policy"], spec.get("budget"), int(spec["n_ctx"])
     n_dec = int(spec.get("decode", 32))
-    model, tok = models.load(spec["model"]) if spec.get("model") else models.load_default()
+    model, tok = models.load_any(spec.get("model"))
     ids = torch.tensor([context_ids(tok, n_ctx + n_dec, int(spec.get("seed", 0)))])
     ctx, nxt = ids[:, :n_ctx], ids[0, n_ctx:].tolist()
 

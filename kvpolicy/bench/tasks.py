@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from kvpolicy import data
+from kvpolicy import data, models
 
 DOORS = ("blue", "red", "green", "yellow", "white", "black", "silver", "golden")
 NEEDLE = " The secret code of the {door} door is {key}. Remember it: the {door} door's code is {key}. "
@@ -66,12 +66,13 @@ def make_sample(tok: Any, n_ctx: int, *, seed: int, depths: tuple[float, ...] = 
         key = str(rng.randrange(10000, 100000))
         needles.append({"door": DOORS[i], "key": key, "depth": float(depth),
                         "ids": _encode(tok, NEEDLE.format(door=DOORS[i], key=key))})
-    n_book = n_ctx - sum(len(nd["ids"]) for nd in needles)
+    lead = models.leading_special(tok)
+    n_book = n_ctx - len(lead) - sum(len(nd["ids"]) for nd in needles)
     book, meta = book_tokens(tok, n_book + continuation, rng, books)
     body, cont = book[:n_book], book[n_book:]
     # plant needles before the book token at their depth; offsets[i] = where book token i lands
     plan = sorted(((round(nd["depth"] * n_book), i) for i, nd in enumerate(needles)))
-    ctx: list[int] = []
+    ctx: list[int] = list(lead)
     offsets: list[int] = []
     j = 0
     for i in range(n_book + 1):

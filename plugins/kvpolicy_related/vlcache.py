@@ -72,7 +72,7 @@ def post_vision_density(ctx: CompressionContext, threshold: float) -> Tensor:
     dense = torch.zeros(b, dtype=torch.float64, device=q.device)
     seen = torch.zeros(b, dtype=torch.float64, device=q.device)
     for lo, probs in observe._prob_chunks(q, ctx.keys, ctx.scaling, ctx.query_pos, ctx.positions, ctx.key_bias,
-                                          post, ops.DEFAULT_CHUNK_BYTES):
+                                          post, ops.DEFAULT_CHUNK_BYTES, ctx.form):
         c, n = probs.shape[3], probs.shape[4]
         ok = post[:, lo:lo + c]  # [B, c]
         top = probs.amax(-1, keepdim=True)
@@ -95,7 +95,7 @@ class PostVision(Scorer):
         q = ctx._need_queries("VL-Cache's post-vision attention")
         acc = observe.attention_colsum(q, ctx.keys, scaling=ctx.scaling, query_pos=ctx.query_pos,
                                        key_pos=ctx.positions, key_bias=ctx.key_bias,
-                                       query_valid=post_vision_queries(ctx))
+                                       query_valid=post_vision_queries(ctx), form=ctx.form)
         return torch.where(ctx.valid, acc, float("-inf"))
 
 

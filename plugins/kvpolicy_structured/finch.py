@@ -59,7 +59,7 @@ def question_attention(ctx: CompressionContext, window: int, normalize: bool) ->
     for i in range(w):  # one query at a time: each row of attention weighted by its own n_i
         row = observe.attention_colsum(q[:, :, [q.shape[2] - w + i]], ctx.keys, scaling=ctx.scaling,
                                        query_pos=qpos[:, i:i + 1], key_pos=ctx.positions, key_bias=ctx.key_bias,
-                                       query_valid=None if qvalid is None else qvalid[:, i:i + 1])
+                                       query_valid=None if qvalid is None else qvalid[:, i:i + 1], form=ctx.form)
         out.add_(row * seen[:, i].view(-1, 1, 1))
     return out / w
 
