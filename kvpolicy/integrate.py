@@ -312,6 +312,12 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
 
     def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         passed = kwargs.get("past_key_values", kwargs.get("cache"))
+        if passed is not cache and "Quantized" in type(passed).__name__:
+            raise CacheUsageError(
+                f"inside kvpolicy.compress() the model got a {type(passed).__name__} (generate(cache_implementation="
+                f"'quantized') or a quantized cache passed in); kvpolicy's cache does not store quantized entries in "
+                f"this version, and quantizing on top of it would report bytes it does not hold. Allowed: "
+                f"cache=cache (the compressed fp16/bf16/fp32 cache), or a quantized cache outside kvpolicy.compress()")
         if passed is not cache:
             raise CacheUsageError("inside kvpolicy.compress(), call the model with cache=cache "
                                   f"(or past_key_values=cache) (got {type(passed).__name__})")

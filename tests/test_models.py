@@ -260,3 +260,16 @@ def test_gemma3_270m_full_budget_equals_plain_and_baselines_size_full_layers(gem
                 assert (layer.is_sliding, layer.physical_length) == (True, 511 + new - 1), name
         assert report.bytes_now < 0.8 * report.bytes_full
         assert out.sequences.shape[1] == 700 + new
+
+
+def test_a_quantized_cache_inside_the_block_is_refused_by_name(tiny_llama):
+    """transformers' quantized caches (here its fp8 backend, which needs no extra package) do not compose with
+    kvpolicy's cache in this version: refused, not stacked with bytes reported that are not held."""
+    from transformers.cache_utils import QuantizedCache
+
+    ids = torch.randint(3, 100, (1, 20))
+    with kvpolicy.compress(tiny_llama, "snapkv") as cache:
+        with pytest.raises(CacheUsageError, match=r"the model got a QuantizedCache .*kvpolicy's cache does not store "
+                                                  r"quantized entries in this version"):
+            tiny_llama(input_ids=ids, cache=QuantizedCache(backend="fp8", config=tiny_llama.config))
+        tiny_llama(input_ids=ids, cache=cache)  # the block still works
