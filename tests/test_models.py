@@ -38,8 +38,10 @@ def _family(name: str) -> torch.nn.Module:
     if name == "phi3":
         return tf.Phi3ForCausalLM(tf.Phi3Config(**_SMALL)).eval()
     if name == "gemma2":  # soft-capped logits and mixed layers
-        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**_SMALL, head_dim=16, sliding_window=WINDOW, layer_types=MIXED,
-                                                     attn_logit_softcapping=2.0)).eval()
+        cfg = tf.Gemma2Config(**_SMALL, head_dim=16, sliding_window=WINDOW, layer_types=MIXED,
+                              attn_logit_softcapping=2.0)
+        cfg._attn_implementation = "eager"  # the reference: transformers 5.16's SDPA path drops the soft-cap
+        model = tf.Gemma2ForCausalLM(cfg).eval()
         with torch.no_grad():  # random weights give logits ~1e-3, which a cap never touches: make them large
             for m in model.modules():
                 if hasattr(m, "q_proj"):
