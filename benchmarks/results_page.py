@@ -25,6 +25,11 @@ COLS = (("n", "samples", "{:d}"), ("copy_nll", "copy NLL ↓", "{:.3f}"), ("cont
         ("greedy_agreement", "greedy agree ↑", "{:.2f}"), ("greedy_rouge_l", "ROUGE-L ↑", "{:.2f}"),
         ("passkey_acc", "passkey ↑", "{:.2f}"), ("attention_mass", "attn mass ↑", "{:.3f}"),
         ("kv_ratio", "KV kept", "{:.3f}"))
+#: how a run's ``model`` (``--model``) is named on the page
+MODEL_NAMES = {None: "the embedded SmolLM2-135M-Instruct (fp32)",
+               "embedded SmolLM2-135M-Instruct": "the embedded SmolLM2-135M-Instruct (fp32)",
+               "gemma3-270m": "the packaged Gemma-3-270M base model (fp32; 15 of its 18 layers are sliding-window "
+                              "layers, kept as 512-token windows: budgets apply to layers 5, 11 and 17)"}
 #: speed is measured apart (docs/results/core.md): quality runs share the machine, so their times are not shown
 SPEED_NOTE = ("Speed is not in these tables: the quality runs share the machine with other jobs, so their prefill, "
               "compression and decode times contradict isolated measurements; speed figures come from one "
@@ -117,7 +122,8 @@ def main() -> int:
         + (f"; kvpress {pm.get('kvpress')} with transformers {pm.get('transformers')} in its own virtualenv"
            if pm else "") + ".",
         "",
-        "Model: the embedded SmolLM2-135M-Instruct (fp32). Text: Jane Austen's novels (`kvpolicy.data`). "
+        f"Model: {MODEL_NAMES.get(metas[0].get('model') if metas else None, metas[0].get('model') if metas else '?')}. "
+        "Text: Jane Austen's novels (`kvpolicy.data`). "
         "Samples per context: "
         + ", ".join(f"{n} tokens: {len(seeds)} (seeds {', '.join(str(x) for x in sorted(seeds))})"
                     for n, seeds in sorted(_seeds(ours).items()))

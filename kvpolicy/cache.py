@@ -108,6 +108,10 @@ class KVPolicyLayer(DynamicLayer):
         self.events: list[tracing.CompressionEvent] = []
         self._buffers: dict[str, Tensor] = {}  # per-entry storage with spare room (see _extend)
         self.alloc_key: Tensor | None = None  # [B, Hkv, S] first-stage allocation keys (layer-pooling selectors)
+        #: ThinK: the keys of the first ``S_t`` entries in their kept channels only, ``[B, Hkv, S_t, D']``, and
+        #: those channels ``[B, Hkv, D']``; ``keys`` then holds the entries after them (every channel)
+        self.thin_keys: Tensor | None = None
+        self.channels: Tensor | None = None
 
     @property
     def is_sliding(self) -> bool:  # transformers' layer flag
@@ -131,7 +135,8 @@ class KVPolicyLayer(DynamicLayer):
         if self.heads is not None:
             return max(h.physical_length for h in self.heads)
         k = self.__dict__.get("_keys")
-        return 0 if k is None or k.numel() == 0 else k.shape[-2]
+        thin = 0 if self.__dict__.get("thin_keys") is None else self.thin_keys.shape[-2]
+        return thin + (0 if k is None or k.dim() < 2 else k.shape[-2])
 
     @property
     def mean_length(self) -> int:
@@ -244,7 +249,7 @@ class KVPolicyLayer(DynamicLayer):
             key_bias=_bias_with_validity(self), form=self.form)
 
     def _map_batch(self, fn) -> None:  # noqa: ANN001
-        names = ["qbuf", "qbuf_pos"]
+        names = ["qbuf", "qbuf_pos", "thin_keys", "channels"]
         if self.heads is not None:
             for h in self.heads:
                 h._map_batch(fn)
@@ -288,7 +293,8 @@ class KVPolicyLayer(DynamicLayer):
         n = -tokens_to_remove if tokens_to_remove <= 0 else self.n_seen - tokens_to_remove
         if n <= 0 or self.positions is None or self.physical_length == 0:
             return 0
-        if n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n:
+        if (n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n
+                or (self.thin_keys is not None and n > self.keys.shape[-2])):
             why = (f"fell out of its sliding window ({self.form.window})" if self.is_sliding else
                    "were compressed (merged or evicted) since they were appended")
             raise CacheUsageError(
@@ -417,6 +423,9 @@ class KVPolicyLayer(DynamicLayer):
         """Replace the layer by the selected (and merged) entries; with ``ragged``, heads that keep
         different counts are then stored apart (:meth:`split_heads`)."""
         self.join_heads()
+        if self.thin_keys is not None:
+            raise CacheUsageError(f"layer {self.layer_idx}: its keys were already thinned (ThinK) and cannot be "
+                                  f"compressed again")
         idx = ops.expand_heads(selection.indices, self.keys.shape[1])
         kept = ops.expand_heads(selection.kept, self.keys.shape[1])
         if merged is None:
@@ -437,8 +446,20 @@ class KVPolicyLayer(DynamicLayer):
             self.bias = merged.bias.float()
         elif self.bias is not None:
             self.bias = ops.gather_seq(self.bias, idx)
-        if ragged and selection.indices.shape[1] > 1:
+        if merged is not None and merged.key_channels is not None:
+            self.thin(merged.key_channels)
+        elif ragged and selection.indices.shape[1] > 1:
             self.split_heads()
+
+    def thin(self, channels: Tensor) -> None:
+        """Keep every entry's key in ``channels [B, Hkv, D']`` only (ThinK): the layer's keys become
+        ``thin_keys`` (the other channels are freed); keys appended later keep every channel."""
+        b, h, s, _ = self.keys.shape
+        self.thin_keys = torch.gather(self.keys, -1, channels[:, :, None, :].expand(b, h, s, channels.shape[-1]))
+        self.thin_keys = self.thin_keys.contiguous()
+        self.channels = channels
+        self.keys = self.keys[:, :, :0].contiguous()
+        self._buffers = {}
 
 
 class KVPolicyCache(Cache):
@@ -487,6 +508,11 @@ class KVPolicyCache(Cache):
         self._info = ForwardInfo(q_len=q_len, valid=valid, is_image=is_image)
         if self.observing:  # reconstruction tokens are not part of the sequence: nothing is counted
             return
+        if q_len > 1 and self.compressing and any(layer.thin_keys is not None for layer in self.layers):
+            raise CacheUsageError(
+                f"a second multi-token forward would compress layers whose keys policy {self.policy.name!r} already "
+                f"thinned (ThinK drops key channels once); allowed: cache.compressing = False to read these tokens "
+                f"without compressing (as kvpolicy.CompressedContext does), or a new cache")
         new_valid = (valid.sum(-1).long() if valid is not None else None)
         if self.seen_valid is None:
             self.seen_valid = new_valid if new_valid is not None else torch.tensor([q_len])
@@ -621,6 +647,10 @@ class KVPolicyCache(Cache):
 
     def _ctx(self, layer: KVPolicyLayer, phase: str, budget: LayerBudget, scaling: float, **kw: Any
              ) -> CompressionContext:
+        if layer.thin_keys is not None:
+            raise CacheUsageError(f"layer {layer.layer_idx}: a compression event on keys already thinned (ThinK); "
+                                  f"allowed: decode 'none' and one compression per context (cache.compressing = False "
+                                  f"reads later tokens without compressing)")
         layer.join_heads()  # one dense copy for the event (not one per attribute read); apply() splits again
         return CompressionContext(
             layer_idx=layer.layer_idx, n_layers=self.n_layers, phase=phase, keys=layer.keys,
@@ -634,7 +664,7 @@ class KVPolicyCache(Cache):
         ctx = self._ctx(layer, "prefill", budget, scaling, queries=query, query_pos=qpos, query_valid=qvalid,
                         query_colsum=layer.query_colsum)
         layer.query_colsum = None
-        if not _shrinks(budget, layer):
+        if not _shrinks(budget, layer) and not self.policy.merger.thins_keys:
             if self._keep_acc:
                 layer.acc = ctx.computed_accumulated()
             if self.ragged:
@@ -834,7 +864,8 @@ def _kv_bytes(layer: KVPolicyLayer) -> int:
     """Bytes the layer's keys and values really hold (a ragged layer: the sum over its heads)."""
     if layer.heads is not None:
         return sum(_kv_bytes(h) for h in layer.heads)
-    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    thin = 0 if layer.thin_keys is None else layer.thin_keys.numel() * layer.thin_keys.element_size()
+    return thin + layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
 
 
 def _kept_counts(layer: KVPolicyLayer) -> tuple[int, int]:

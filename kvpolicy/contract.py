@@ -162,5 +162,15 @@ def check_merged(step: Component, ctx: CompressionContext, selection: Selection,
         if not bool((ok | ~kept).all()):
             _fail(step, ctx, f"{name} that is not finite{' and positive' if name == 'multiplicity' else ''} "
                              f"in kept slots", f"finite{' positive' if name == 'multiplicity' else ''} values", "finite")
+    ch = merged.key_channels
+    if ch is not None:
+        ok = (isinstance(ch, Tensor) and ch.dim() == 3 and tuple(ch.shape[:2]) == (b, h) and 0 < ch.shape[2] < d
+              and ch.dtype == torch.long and ch.device == ctx.keys.device)
+        if ok:
+            ok = bool(((ch >= 0) & (ch < d)).all()) and bool((ch[..., 1:] > ch[..., :-1]).all())
+        if not ok:
+            got = f"{list(ch.shape)} {ch.dtype}" if isinstance(ch, Tensor) else type(ch).__name__
+            _fail(step, ctx, f"key_channels {got}",
+                  f"None or ascending distinct long channel indices [B={b}, Hkv={h}, D'] with 0 < D' < {d}")
     if isinstance(merged.merged, bool) or not isinstance(merged.merged, numbers.Integral) or merged.merged < 0:
         _fail(step, ctx, f"merged={merged.merged!r}", "a count >= 0 of evicted tokens folded into kept entries")

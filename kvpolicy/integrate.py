@@ -77,6 +77,8 @@ def layer_attention(query: Tensor, layer: KVPolicyLayer, scaling: float,
                           for i, hd in enumerate(layer.heads)], dim=1)
     if form.window is not None:
         return window_attention(query, layer, scaling, form)
+    if layer.thin_keys is not None:
+        return thin_attention(query, layer, scaling, form)
     q_len = query.shape[2]
     if form.plain:
         return sdpa(query, layer.keys, layer.values, layer.attention_mask(q_len, None), scaling, causal=q_len > 1)
@@ -86,6 +88,44 @@ def layer_attention(query: Tensor, layer: KVPolicyLayer, scaling: float,
                                            key_pos=layer.positions, key_bias=_bias_with_validity(layer),
                                            query_valid=layer.valid_tail(q_len), form=form, sums=False)
     return out
+
+
+def thin_attention(query: Tensor, layer: KVPolicyLayer, scaling: float, form: observe.AttentionForm,
+                   chunk: int = 256) -> Tensor:
+    """Attention over a layer whose first entries keep their keys in some channels only (ThinK): query head
+    ``i`` meets those keys in its KV head's kept channels (``layer.channels``), the later entries in every
+    channel; one softmax over both parts (fp32, query chunks of ``chunk``), as the model computes it with the
+    pruned channels of those keys set to zero. Returns ``[B, H, q, Dv]``."""
+    b, h, q, d = query.shape
+    hkv, dv = layer.values.shape[1], layer.values.shape[-1]
+    g = h // hkv
+    ch = layer.channels  # [B, Hkv, D']
+    thin = layer.thin_keys.float()  # [B, Hkv, S_t, D']
+    full = layer.keys.float()  # [B, Hkv, S - S_t, D]
+    vals = layer.values.float()
+    bias = _bias_with_validity(layer)  # [B, Hkv, S] or None
+    qpos_all = torch.arange(layer.n_before, layer.n_seen, device=query.device)
+    sinks = None if form.sinks is None else form.sinks.detach().float().view(1, hkv, g, 1, 1)
+    out = torch.empty(b, hkv, g, q, dv, dtype=torch.float32, device=query.device)
+    for lo in range(0, q, chunk):
+        hi = min(q, lo + chunk)
+        qc = query[:, :, lo:hi].float().mul(scaling).reshape(b, hkv, g * (hi - lo), d)
+        q_thin = torch.gather(qc, -1, ch[:, :, None, :].expand(b, hkv, g * (hi - lo), ch.shape[-1]))
+        logits = torch.cat([q_thin @ thin.transpose(-1, -2), qc @ full.transpose(-1, -2)], dim=-1)
+        logits = logits.view(b, hkv, g, hi - lo, -1)
+        if form.softcap is not None:
+            logits = torch.tanh(logits / form.softcap) * form.softcap
+        if bias is not None:
+            logits = logits + bias[:, :, None, None, :]
+        hidden = layer.positions[:, :, None, None, :] > qpos_all[lo:hi][None, None, None, :, None]
+        logits = logits.masked_fill(hidden, float("-inf"))
+        if sinks is not None:
+            logits = torch.cat([logits, sinks.expand(b, hkv, g, hi - lo, 1)], dim=-1)
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        out[:, :, :, lo:hi] = probs.view(b, hkv, g * (hi - lo), -1).matmul(vals).view(b, hkv, g, hi - lo, dv)
+    return out.view(b, h, q, dv).to(query.dtype)
 
 
 def window_attention(query: Tensor, layer: KVPolicyLayer, scaling: float, form: observe.AttentionForm) -> Tensor:

@@ -246,6 +246,9 @@ class Merged:
 
     ``multiplicity`` ``[B, Hkv, K]`` (tokens each entry now stands for) is set by mass-preserving
     mergers; ``bias`` ``[B, Hkv, K]`` is an additive attention logit bias the cache will apply.
+    ``key_channels`` ``[B, Hkv, D']`` (ascending channel indices, ``D' < D``) asks the cache to store these
+    entries' keys in those channels only (ThinK): the other channels are dropped from memory, and queries
+    meet these keys in the kept channels; keys appended later keep every channel.
     """
 
     keys: Tensor
@@ -253,6 +256,7 @@ class Merged:
     merged: int = 0
     multiplicity: Tensor | None = None
     bias: Tensor | None = None
+    key_channels: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -326,6 +330,9 @@ class Merger(Component):
     """Folds evicted entries into kept ones (or just gathers the kept ones)."""
 
     kind: ClassVar[str] = "merger"
+    #: the merger may return ``Merged.key_channels`` (keys stored in some channels only): one compression per
+    #: context, so decode rules that compact and layer pooling are refused with it
+    thins_keys: ClassVar[bool] = False
 
     def merge(self, ctx: CompressionContext, selection: Selection, scores: Tensor) -> Merged:
         raise NotImplementedError
@@ -521,6 +528,13 @@ def check_composition(policy: Policy) -> None:
             f"policy {policy.name!r}: selector {sel.name!r} pools scores across heads or layers, but scorer "
             f"{scorer.name!r} does not give scores on one scale across them; allowed scorers: {', '.join(ok)} "
             f"(or the 'topk' selector, which ranks each head alone)")
+    if policy.merger.thins_keys and (policy.decode.compacts or sel.spans_layers()):
+        what = f"decode rule {policy.decode.name!r} compacts" if policy.decode.compacts else \
+            f"selector {sel.name!r} pools the layers after the prefill"
+        raise ConfigError(
+            f"policy {policy.name!r}: merger {policy.merger.name!r} stores the kept keys in fewer channels once, but "
+            f"{what} (a second compression of thinned keys); allowed: decode 'none' and a selector that decides "
+            f"each layer at its prefill")
     if sel.spans_layers() and policy.decode.compacts:
         raise ConfigError(
             f"policy {policy.name!r}: selector {sel.name!r} pools every layer after the prefill, which a decode "

@@ -159,6 +159,8 @@ class ServablePolicy:
             ev.figures = dict(ctx.figures)
         if _has_bias(merged):
             raise StepOutputError(_bias_refusal(self.policy), prop="no_bias")
+        if merged.key_channels is not None:
+            raise StepOutputError(_channels_refusal(self.policy), prop="no_key_channels")
         if merged.keys.shape[-2] != k or not bool(selection.kept.all()):
             raise StepOutputError(
                 f"policy {self.policy.name!r} kept {int(selection.kept.sum())} entries in {merged.keys.shape[-2]} slots "
@@ -192,6 +194,11 @@ def _bias_refusal(policy: Policy) -> str:
     return (f"policy {policy.name!r}: merger {policy.merger.name!r} returns a logit bias for merged entries (the log "
             f"of the tokens each stands for); a serving engine's attention takes no bias: use a merger without it "
             f"(runs: {RUNS_INSTEAD})")
+
+
+def _channels_refusal(policy: Policy) -> str:
+    return (f"policy {policy.name!r}: merger {policy.merger.name!r} drops key channels (ThinK); a serving engine's "
+            f"KV blocks hold every channel of every key: use a merger that keeps them (runs: {RUNS_INSTEAD})")
 
 
 class ServingContext(CompressionContext):
@@ -298,6 +305,8 @@ def _probe_window(policy: Policy, n_layers: int, where: str) -> int:
                               f"counts per KV head ({per_head[0].tolist()} at layer {i}); {_SAME_COUNT}")
         if _has_bias(merged):
             raise ConfigError(f"{where}: {_bias_refusal(policy)}")
+        if merged.key_channels is not None:
+            raise ConfigError(f"{where}: {_channels_refusal(policy)}")
     return max(windows, default=0)
 
 

@@ -19,13 +19,14 @@ from kvpolicy_presses.lagkv import LagKV
 from kvpolicy_presses.leverage import Leverage
 from kvpolicy_presses.criticalkv import CriticalKV
 from kvpolicy_presses.qfilter import QFilter
+from kvpolicy_presses.think import ThinK
 
 _EVICT = {"selector": "topk", "merger": "none", "decode": "none", "layers": "uniform"}
 
 
 @hookimpl
 def kvpolicy_components() -> list[type]:
-    return [ExpectedAttention, KeyDiff, LagKV, Leverage, CriticalKV, QFilter]
+    return [ExpectedAttention, KeyDiff, LagKV, Leverage, CriticalKV, QFilter, ThinK]
 
 
 @hookimpl
@@ -61,4 +62,19 @@ def kvpolicy_presets() -> list[Preset]:
           "models: the prompt's own queries)",
           {"name": "qfilter", "filters": "smollm2", "fallback": "prompt"},
           {"ratio": 0.2, "sink": 4}),
+        *_think_presets(),
     ]
+
+
+def _think_presets() -> list[Preset]:
+    """ThinK alone (every token kept, half of each KV head's key channels dropped) and on SnapKV's selection."""
+    def t(name: str, desc: str, budget: dict) -> Preset:
+        cfg = {"name": name, "description": desc, "budget": budget, "scorer": {"name": "snapkv", "window": 32},
+               "selector": "topk", "merger": {"name": "think", "pruned": 0.5, "window": 32}, "decode": "none",
+               "layers": "uniform"}
+        return Preset(name, cfg, desc)
+
+    return [t("think", "ThinK: every token kept, the half of each KV head's key channels that the last 32 "
+                       "queries use least dropped from memory (keys 0.5, KV bytes 0.75)", {"ratio": 1.0, "sink": 0}),
+            t("think-snapkv", "SnapKV's token selection, then ThinK drops half of the kept keys' channels "
+                              "(KV bytes 0.75 x the budget)", {"ratio": 0.2, "sink": 4})]
