@@ -498,6 +498,8 @@ class KVPolicyCache(Cache):
         # a selector pooling every layer (global allocation): layers keep a first-stage superset at prefill,
         # then _pool_layers() prunes them together
         self._pooled = policy.selector.spans_layers()
+        #: a merger that thins keys (ThinK) runs even when the token budget keeps every entry
+        self._thins = any(getattr(step, "thins_keys", False) for step in policy.steps())
         #: compress multi-token forwards (False: they are appended as they are, e.g. a question read after a
         #: compressed context, see kvpolicy.context); decode rules act either way
         self.compressing = True
@@ -664,7 +666,7 @@ class KVPolicyCache(Cache):
         ctx = self._ctx(layer, "prefill", budget, scaling, queries=query, query_pos=qpos, query_valid=qvalid,
                         query_colsum=layer.query_colsum)
         layer.query_colsum = None
-        if not _shrinks(budget, layer) and not self.policy.merger.thins_keys:
+        if not _shrinks(budget, layer) and not self._thins:
             if self._keep_acc:
                 layer.acc = ctx.computed_accumulated()
             if self.ragged:

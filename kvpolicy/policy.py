@@ -528,11 +528,12 @@ def check_composition(policy: Policy) -> None:
             f"policy {policy.name!r}: selector {sel.name!r} pools scores across heads or layers, but scorer "
             f"{scorer.name!r} does not give scores on one scale across them; allowed scorers: {', '.join(ok)} "
             f"(or the 'topk' selector, which ranks each head alone)")
-    if policy.merger.thins_keys and (policy.decode.compacts or sel.spans_layers()):
+    thinning = [s for s in policy.steps() if getattr(s, "thins_keys", False)]
+    if thinning and (policy.decode.compacts or sel.spans_layers()):
         what = f"decode rule {policy.decode.name!r} compacts" if policy.decode.compacts else \
             f"selector {sel.name!r} pools the layers after the prefill"
         raise ConfigError(
-            f"policy {policy.name!r}: merger {policy.merger.name!r} stores the kept keys in fewer channels once, but "
+            f"policy {policy.name!r}: merger {thinning[0].name!r} stores the kept keys in fewer channels once, but "
             f"{what} (a second compression of thinned keys); allowed: decode 'none' and a selector that decides "
             f"each layer at its prefill")
     if sel.spans_layers() and policy.decode.compacts:

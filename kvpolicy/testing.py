@@ -563,7 +563,8 @@ def _compress_kw(policy: Policy) -> dict[str, Any]:
 
 
 def check_on_model(policy: Policy, *, new_tokens: int = 5, seq: int = 40) -> None:
-    """Cache-level properties on a tiny Llama: identity at budget >= length; a batch with left padding
+    """Cache-level properties on a tiny Llama: identity at budget >= length (not for a merger that thins keys,
+    which changes every key by design); a batch with left padding
     compresses, decodes with finite logits and never keeps a pad entry; kept positions stay ascending."""
     from kvpolicy.integrate import compress
 
@@ -574,7 +575,9 @@ def check_on_model(policy: Policy, *, new_tokens: int = 5, seq: int = 40) -> Non
         whole = with_budget(policy, {"tokens": seq + new_tokens + 1})
         with compress(model, whole, **_compress_kw(whole)) as cache:
             same = _generate(model, ids, mask, new_tokens, cache)
-        if not torch.allclose(ref, same, rtol=1e-4, atol=1e-4):
+        # a merger that thins keys (ThinK) changes them whatever the token budget: no identity to check
+        thins = any(getattr(step, "thins_keys", False) for step in policy.steps())
+        if not thins and not torch.allclose(ref, same, rtol=1e-4, atol=1e-4):
             _fail("identity at budget >= length", None, f"{policy.name}: logits differ from the uncompressed run "
                                                         f"by {float((ref - same).abs().max()):.3g}")
         with compress(model, with_budget(policy, {"ratio": 0.5}), **_compress_kw(policy)) as cache:
