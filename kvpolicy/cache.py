@@ -140,10 +140,15 @@ class KVPolicyLayer(DynamicLayer):
 
     @property
     def mean_length(self) -> int:
-        """Entries per KV head on average (a ragged layer's heads differ; a dense layer: its length)."""
+        """Entries per KV head on average: a ragged layer's heads hold their longest row each; a dense layer
+        counts the same per head (its padded slots beyond a head's longest row are not entries), so decode
+        rules see the same length in both layouts."""
         if self.heads is not None:
             return sum(h.physical_length for h in self.heads) // len(self.heads)
-        return self.physical_length
+        valid = self.valid
+        if valid is None or valid.dim() != 3 or valid.shape[-1] == 0:
+            return self.physical_length
+        return int(valid.sum(-1).amax(0).sum()) // valid.shape[1]
 
     def dims(self) -> tuple[int, int, int, int]:
         """``(batch, kv_heads, head_dim, bytes per element)`` without building a dense view."""
@@ -234,19 +239,20 @@ class KVPolicyLayer(DynamicLayer):
         src = self.heads[0] if self.heads is not None else self
         return src.valid[:, 0, -n:]
 
-    def accumulate(self, query: Tensor, scaling: float) -> None:
+    def accumulate(self, query: Tensor, scaling: float, form: observe.AttentionForm | None = None) -> None:
         """Add one decode query's attention ``query [B, H, 1, D]`` to the accumulated statistic ``acc``."""
+        form = self.form if form is None else form
         if self.heads is not None:
             g = query.shape[1] // len(self.heads)
             for i, h in enumerate(self.heads):
-                h.accumulate(query[:, i * g:(i + 1) * g], scaling)
+                h.accumulate(query[:, i * g:(i + 1) * g], scaling, form.group(i, g))
             return
         if self.acc is None:
             return
         qpos = torch.full((query.shape[0], query.shape[2]), self.n_seen - 1, device=query.device)
         self.acc = self.acc + observe.attention_colsum(
             query, self.keys, scaling=scaling, query_pos=qpos, key_pos=self.positions,
-            key_bias=_bias_with_validity(self), form=self.form)
+            key_bias=_bias_with_validity(self), form=form)
 
     def _map_batch(self, fn) -> None:  # noqa: ANN001
         names = ["qbuf", "qbuf_pos", "thin_keys", "channels"]
@@ -293,7 +299,9 @@ class KVPolicyLayer(DynamicLayer):
         n = -tokens_to_remove if tokens_to_remove <= 0 else self.n_seen - tokens_to_remove
         if n <= 0 or self.positions is None or self.physical_length == 0:
             return 0
-        if (n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n
+        # a window layer must still hold every token a query after the crop can see
+        short = self.is_sliding and self.physical_length - n < min(self.form.window - 1, self.n_seen - n)
+        if (n > self.physical_length or int(self.positions[..., -n:].min()) < self.n_seen - n or short
                 or (self.thin_keys is not None and n > self.keys.shape[-2])):
             why = (f"fell out of its sliding window ({self.form.window})" if self.is_sliding else
                    "were compressed (merged or evicted) since they were appended")
@@ -310,6 +318,13 @@ class KVPolicyLayer(DynamicLayer):
         n = self.physical_length
         if n <= keep + slack:
             return 0
+        if keep == 0:  # a window of one token: each query sees only itself
+            for name in self._per_entry():
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, (t[..., :0, :] if name in ("keys", "values") else t[..., :0]).clone())
+            self._buffers = {}
+            return n
         for name in self._per_entry():
             t = getattr(self, name)
             if t is not None:
@@ -498,6 +513,8 @@ class KVPolicyCache(Cache):
         # a selector pooling every layer (global allocation): layers keep a first-stage superset at prefill,
         # then _pool_layers() prunes them together
         self._pooled = policy.selector.spans_layers()
+        #: the last layer the policy compresses: layer pooling runs after it (later layers are sliding windows)
+        self._last_compressed = max((i for i, f in enumerate(forms) if f.window is None), default=n_layers - 1)
         #: a merger that thins keys (ThinK) runs even when the token budget keeps every entry
         self._thins = any(getattr(step, "thins_keys", False) for step in policy.steps())
         #: compress multi-token forwards (False: they are appended as they are, e.g. a question read after a
@@ -595,7 +612,7 @@ class KVPolicyCache(Cache):
         elif layer.pending:
             layer.pending = False
             self._compress_prefill(layer, query, scaling)
-            if self._pooled and layer.layer_idx == self.n_layers - 1:
+            if self._pooled and layer.layer_idx == self._last_compressed:
                 self._pool_layers()
         elif self._keep_acc:
             layer.accumulate(query, scaling)

@@ -208,8 +208,8 @@ def _check_attention_arguments(module: nn.Module, dropout: float, kwargs: dict[s
         if got is not None and got == want:
             kwargs = {k: v for k, v in kwargs.items() if k != name}
     sinks = kwargs.get("s_aux")
-    if isinstance(sinks, Tensor) and form.sinks is not None and sinks.shape == form.sinks.shape and bool(
-            (sinks.detach().float() == form.sinks.float()).all()):
+    if isinstance(sinks, Tensor) and form.sinks is not None and sinks.shape == form.sinks.shape and (
+            sinks is getattr(module, "sinks", None) or bool((sinks.detach().float() == form.sinks.float()).all())):
         kwargs = {k: v for k, v in kwargs.items() if k != "s_aux"}
     bad = sorted(k for k, v in kwargs.items() if k not in _UNDERSTOOD and v is not None and v is not False)
     if kwargs.get("is_causal") is True:
@@ -362,6 +362,7 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
             raise CacheUsageError("inside kvpolicy.compress(), call the model with cache=cache "
                                   f"(or past_key_values=cache) (got {type(passed).__name__})")
         ids = kwargs.get("input_ids", args[0] if args else None)
+        _refuse_bidirectional_images(model, kwargs.get("token_type_ids"))
         emb = kwargs.get("inputs_embeds")
         q_len = ids.shape[1] if ids is not None else emb.shape[1]
         am = kwargs.get("attention_mask")
@@ -411,6 +412,19 @@ def compress(model: nn.Module, policy: Policy | str | dict | Any, *, tokenizer: 
             _BINDINGS.pop(id(m), None)
         for k, c in configs.items():
             c._attn_implementation_internal = saved[k]
+
+
+#: models whose image tokens attend to each other in both directions (``token_type_ids`` marks them)
+_BIDIRECTIONAL_IMAGES = ("gemma3", "paligemma", "gemma3n")
+
+
+def _refuse_bidirectional_images(model: nn.Module, token_type_ids: Any) -> None:
+    kind = getattr(model.config, "model_type", "")
+    if kind in _BIDIRECTIONAL_IMAGES and isinstance(token_type_ids, Tensor) and bool((token_type_ids != 0).any()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({kind}) lets the image tokens marked by token_type_ids attend to each other in "
+            f"both directions, which the kvpolicy attention (causal) does not implement; allowed: text-only "
+            f"prompts on this model, or a VLM with causal image tokens (LLaVA, Qwen2-VL, Qwen2.5-VL)")
 
 
 def _modality_override(mask: Any, batch: int, q_len: int) -> Tensor:

@@ -275,3 +275,73 @@ def test_a_quantized_cache_inside_the_block_is_refused_by_name(tiny_llama):
                                                   r"quantized entries in this version"):
             tiny_llama(input_ids=ids, cache=QuantizedCache(backend="fp8", config=tiny_llama.config))
         tiny_llama(input_ids=ids, cache=cache)  # the block still works
+
+
+def test_a_crop_that_would_leave_a_window_short_is_refused():
+    """After a multi-token forward a window holds window - 1 entries: removing any would hide tokens the next
+    query must see (transformers refuses it too)."""
+    model = _family("gemma3")
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad(), kvpolicy.compress(model, "full") as cache:
+        model(input_ids=ids, cache=cache)
+        model(input_ids=ids[:, :4], cache=cache)
+        with pytest.raises(CacheUsageError, match=r"layer 0: cannot remove the last 2 tokens: some of them fell out"):
+            cache.crop(-2)
+        assert cache.get_seq_length() == 16
+
+
+def test_layer_pooling_runs_when_the_top_layer_is_a_window():
+    """Gemma-3-1B's last layer is a sliding one: the pool must run after the last full layer."""
+    torch.manual_seed(0)
+    cfg = tf.Gemma3TextConfig(**_SMALL, head_dim=16, sliding_window=WINDOW, layer_types=["full_attention",
+                                                                                         "sliding_attention"] * 2)
+    model = tf.Gemma3ForCausalLM(cfg).eval()
+    ids, mask = _batch(100)
+    with torch.no_grad(), kvpolicy.compress(model, "snapkv-global", budget=0.2) as cache:
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+    full = [layer for layer in cache.layers if not layer.is_sliding]
+    assert all(layer.alloc_key is None and [e.event for e in layer.events][-1] == "pool" for layer in full)
+    kept = sum(int(layer.valid[0].sum()) for layer in full)  # row 0: 100 valid tokens, 2 layers x 2 KV heads
+    assert kept == 4 * 20
+
+
+def test_gemma3_vlm_bidirectional_images_are_refused_by_name():
+    torch.manual_seed(0)
+    text = dict(_SMALL, head_dim=16, sliding_window=WINDOW, layer_types=MIXED, vocab_size=300)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=260,
+                          boi_token_index=258, eoi_token_index=259)
+    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    ids = torch.tensor([[2, 5, 6, 258] + [260] * 4 + [259, 7, 8, 9, 10]])
+    kw = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), token_type_ids=(ids == 260).long())
+    with torch.no_grad(), kvpolicy.compress(model, "full") as cache:
+        with pytest.raises(UnsupportedModelError, match=r"image tokens marked by token_type_ids attend to each other "
+                                                        r"in both directions"):
+            model(**kw, cache=cache)
+        text_ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10]])
+        model(input_ids=text_ids, cache=cache)  # text alone runs
+
+
+def test_sinks_reach_each_head_of_a_ragged_layer_while_decoding():
+    """AdaKV-style per-head counts (ragged layers) with decode-time accumulation on a sink model: each KV head's
+    sub-layer gets its own query group's sinks (the dense padded layout is the reference)."""
+    model = _family("gptoss")
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "q_proj"):
+                m.q_proj.weight.mul_(20.0)
+                m.k_proj.weight.mul_(20.0)
+    policy = {"name": "ada-h2o-rolling", "budget": {"ratio": 0.3, "sink": 0}, "scorer": "accumulated-attention",
+              "selector": {"name": "adaptive", "scope": "heads", "floor": 0.05}, "merger": "none",
+              "decode": {"name": "rolling", "every": 4}}
+    outs = []
+    for ragged in (True, False):
+        with kvpolicy.compress(model, policy) as cache:
+            cache.ragged = ragged
+            outs.append(_generate(model, cache, new=12, n=60))
+        if ragged:
+            assert any(layer.heads is not None for layer in cache.layers)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

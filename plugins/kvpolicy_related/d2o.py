@@ -71,8 +71,8 @@ SMOLLM2_DENSITY: list[float] = [0.300183, 0.030994, 0.040354, 0.023278, 0.019008
 
 # --------------------------------------------------------------------------------------------- density
 def row_density_sum(queries: Tensor, keys: Tensor, *, scaling: float, query_pos: Tensor, key_pos: Tensor,
-                    valid: Tensor, key_bias: Tensor | None = None, query_valid: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor]:
+                    valid: Tensor, key_bias: Tensor | None = None, query_valid: Tensor | None = None,
+                    form: observe.AttentionForm = observe.PLAIN) -> tuple[Tensor, Tensor]:
     """Sum over query heads and the given queries of ``d_i = 1 / (t_i sum_j A_ij^2)``, and the count.
 
     Args:
@@ -89,7 +89,7 @@ def row_density_sum(queries: Tensor, keys: Tensor, *, scaling: float, query_pos:
     total = torch.zeros(b, dtype=torch.float32, device=keys.device)
     count = torch.zeros(b, dtype=torch.float32, device=keys.device)
     for lo, probs in observe._prob_chunks(queries, keys, scaling, query_pos, key_pos, bias, qv,
-                                          ops.DEFAULT_CHUNK_BYTES):
+                                          ops.DEFAULT_CHUNK_BYTES, form):
         c = probs.shape[3]
         sq = probs.square().sum(-1)  # [B, Hkv, g, c]
         t = seen[:, 0, lo:lo + c].float()  # [B, c]
@@ -109,7 +109,7 @@ def layer_density(ctx: CompressionContext) -> Tensor:
     rank, count = ops.valid_rank(qvalid.unsqueeze(1))
     late = qvalid & (rank[:, 0] >= count // 2)  # [B, Q]: the last half of each row's valid queries
     s, n = row_density_sum(q, ctx.keys, scaling=ctx.scaling, query_pos=ctx.query_pos, key_pos=ctx.positions,
-                           valid=ctx.valid, key_bias=ctx.key_bias, query_valid=late)
+                           valid=ctx.valid, key_bias=ctx.key_bias, query_valid=late, form=ctx.form)
     return s / n.clamp_min(1)
 
 
@@ -128,7 +128,7 @@ def calibrate_density(model: Any, input_ids: Tensor) -> list[float]:
 
     Runs one prefill through a kvpolicy cache whose probe scorer measures each layer's density right after
     its attention (the probe's budget keeps ``L - 1`` entries, so every layer is visited). The result is
-    what ``d2o-density``'s ``shares`` takes.
+    what ``d2o-density``'s ``shares`` takes. A sliding-window layer (never compressed) gets 0.
     """
     import kvpolicy
     from kvpolicy.registry import get_registry
@@ -140,7 +140,8 @@ def calibrate_density(model: Any, input_ids: Tensor) -> list[float]:
                     decode=comp("decode", "none"), schedule=comp("schedule", "uniform"))
     with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
         model(input_ids=input_ids, cache=cache)
-    return [round(float(layer.events[0].figures["density"]), 6) for layer in cache.layers]
+    return [0.0 if layer.is_sliding else round(float(layer.events[0].figures["density"]), 6)
+            for layer in cache.layers]
 
 
 def interpolate(values: list[float], n: int) -> list[float]:
