@@ -201,3 +201,18 @@ def test_isolated_speed_rows_join_quality_rows():
                                                                      ("tova", None)]
     assert merged[0]["copy_nll"] == 2.0 and merged[0]["prefill_peak_delta_mb"] == 20.0
     assert [a["policy"] for a in report.aggregate(merged)] == ["h2o", "plain"]  # error rows are left out
+
+
+def test_attention_mass_on_a_mixed_layer_model_counts_the_compressed_layers(books):
+    """Sliding-window layers (left as windows) are not counted; budget 1.0 retains all the mass."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"] * 2)
+    model = tf.Gemma3ForCausalLM(cfg).eval()
+    bench = runner.BenchConfig(policies=["snapkv"], budgets=[1.0, 0.1], metrics=["mass", "continuation"], **SMALL)
+    full, same, small = runner.run_quality(model, ByteTokenizer(), bench, books=books)
+    assert same["attention_mass"] == pytest.approx(1.0)
+    assert 0.0 < small["attention_mass"] < 0.99

@@ -148,17 +148,23 @@ def attention_mass_retained(reference: dict[str, Any], kept: list[Tensor]) -> fl
     ``reference`` holds, per layer, the queries ``[B, H, T, D]`` of the continuation tokens, the full keys
     ``[B, Hkv, n_ctx + T, D]`` and the softmax scale. Tokens after the context always count as kept.
     Computed with :func:`kvpolicy.observe.attention_colsum` (query chunks; no ``L × L`` buffer).
-    Returns the mean over layers of the retained share (every head and query weighted equally).
+    Returns the mean over the compressed layers of the retained share (every head and query weighted equally);
+    the attention is the model's own form (soft-capping, sinks), and sliding-window layers, which the policy
+    leaves as windows, are not counted.
     """
     shares = []
     n_ctx = reference["n_ctx"]
+    forms = reference.get("forms") or [observe.PLAIN] * len(kept)
     for layer_idx, mask in enumerate(kept):
+        if forms[layer_idx].window is not None:
+            continue
         q, k, scaling = reference["queries"][layer_idx], reference["keys"][layer_idx], reference["scaling"][layer_idx]
         b, _, t, _ = q.shape
         s = k.shape[2]
         qpos = torch.arange(n_ctx, n_ctx + t).expand(b, t)
         kpos = torch.arange(s).expand(b, k.shape[1], s)
-        col = observe.attention_colsum(q, k, scaling=scaling, query_pos=qpos, key_pos=kpos)  # [B, Hkv, S]
+        col = observe.attention_colsum(q, k, scaling=scaling, query_pos=qpos, key_pos=kpos,
+                                       form=forms[layer_idx])  # [B, Hkv, S]
         keep = torch.cat([mask, torch.ones(b, k.shape[1], s - n_ctx, dtype=torch.bool)], dim=-1)
         shares.append(float((col * keep).sum() / col.sum()))
     return M.mean(shares)
@@ -230,7 +236,8 @@ def run_one(model: Any, tok: Any, name: str, budget: float | None, sample: dict[
     if recorder is not None:
         n_layers = len(recorder.prefill)
         ref: dict[str, Any] = {"greedy": raw.get("greedy"), "n_ctx": n_ctx, "first_logits": first,
-                               "prefill": recorder.prefill, "scaling": [recorder.prefill[i][3] for i in range(n_layers)]}
+                               "prefill": recorder.prefill, "scaling": [recorder.prefill[i][3] for i in range(n_layers)],
+                               "forms": [layer.form for layer in cache.layers]}
         if recorder.queries:
             ref["queries"] = [torch.cat(recorder.queries[i], dim=2) for i in range(n_layers)]
             ref["keys"] = [torch.cat([recorder.prefill[i][0].float()] + recorder.keys[i], dim=2)
