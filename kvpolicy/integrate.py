@@ -119,11 +119,7 @@ def thin_attention(query: Tensor, layer: KVPolicyLayer, scaling: float, form: ob
             logits = logits + bias[:, :, None, None, :]
         hidden = layer.positions[:, :, None, None, :] > qpos_all[lo:hi][None, None, None, :, None]
         logits = logits.masked_fill(hidden, float("-inf"))
-        if sinks is not None:
-            logits = torch.cat([logits, sinks.expand(b, hkv, g, hi - lo, 1)], dim=-1)
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        if sinks is not None:
-            probs = probs[..., :-1]
+        probs = observe.softmax_with_sinks(logits, sinks, out=torch.empty_like(logits)).nan_to_num_(0.0)
         out[:, :, :, lo:hi] = probs.view(b, hkv, g * (hi - lo), -1).matmul(vals).view(b, hkv, g, hi - lo, dv)
     return out.view(b, h, q, dv).to(query.dtype)
 

@@ -172,19 +172,24 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
             if form.window is not None:
                 hidden |= kp <= qp - form.window
             logits[..., n_all:n].masked_fill_(hidden, float("-inf"))
-        out = probs_buf[: b * h * c * n].view(b, hkv, g, c, n)
-        if sinks is None:
-            probs = torch.softmax(logits, dim=-1, out=out)
-        else:  # the sink logit joins the denominator: p_j = exp(l_j - m) / (sum_k exp(l_k - m) + exp(sink - m))
-            m = torch.maximum(logits.amax(dim=-1, keepdim=True), sinks)
-            probs = torch.exp(torch.sub(logits, m, out=out), out=out)
-            probs.div_(probs.sum(dim=-1, keepdim=True) + torch.exp(sinks - m))
+        probs = softmax_with_sinks(logits, sinks, out=probs_buf[: b * h * c * n].view(b, hkv, g, c, n))
         dead = probs[..., :1].isnan()  # [B, Hkv, g, c, 1]: a query that sees nothing (an all -inf row)
         if query_valid is not None:
             dead = dead | ~query_valid[:, None, None, lo:hi, None]
         if bool(dead.any()):
             probs.masked_fill_(dead, 0.0)
         yield lo, probs
+
+
+def softmax_with_sinks(logits: Tensor, sinks: Tensor | None, *, out: Tensor) -> Tensor:
+    """Softmax over the last axis of ``logits [B, Hkv, g, q, n]`` into ``out``; ``sinks [1, Hkv, g, 1, 1]`` (or None)
+    join each denominator without a value: ``p_j = exp(l_j - m) / (sum_k exp(l_k - m) + exp(sink - m))``. A row
+    whose logits are all ``-inf`` gives NaN without sinks (callers zero it), 0 with them."""
+    if sinks is None:
+        return torch.softmax(logits, dim=-1, out=out)
+    m = torch.maximum(logits.amax(dim=-1, keepdim=True), sinks)
+    probs = torch.exp(torch.sub(logits, m, out=out), out=out)
+    return probs.div_(probs.sum(dim=-1, keepdim=True) + torch.exp(sinks - m))
 
 
 def attention_colmax(
