@@ -16,6 +16,11 @@ from torch import Tensor
 
 from kvpolicy.ops import DEFAULT_CHUNK_BYTES, chunk_rows
 
+#: Logits per query chunk of the statistics (all heads of the batch), at most: small enough that a chunk's
+#: ``Q·Kᵀ``, softmax, ``P·V`` and column reduction reuse it from the CPU's caches (measured:
+#: ``benchmarks/fused_stat.py``), large enough that a chunk amortises its Python overhead.
+STAT_CHUNK_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class AttentionForm:
@@ -77,8 +82,65 @@ def attention_colsum(
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
     for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
                                  form):
-        out[..., : probs.shape[-1]] += probs.sum(dim=3).mean(dim=2)
+        out[..., : probs.shape[-1]] += group_colsum(probs)
     return out
+
+
+#: the last queries an estimate always reads in full (:func:`estimated_colsum`)
+ESTIMATE_TAIL = 32
+
+
+def estimated_colsum(
+    queries: Tensor,
+    keys: Tensor,
+    *,
+    stride: int,
+    scaling: float,
+    query_pos: Tensor,
+    key_pos: Tensor,
+    key_bias: Tensor | None = None,
+    query_valid: Tensor | None = None,
+    form: AttentionForm = PLAIN,
+    tail: int = ESTIMATE_TAIL,
+) -> Tensor:
+    """:func:`attention_colsum` estimated from a sample of the queries, at about ``1/stride`` of its cost.
+
+    The sample is the last ``tail`` queries and every ``stride``-th query before them (counted back from the
+    tail). Each entry's sum over the sampled queries that see it is scaled by how many valid queries see it
+    over how many sampled ones do (a ratio estimate: an entry near the end, seen by few queries, is not
+    scaled by ``stride``; one seen by every query is scaled by about ``stride``). Same arguments and result
+    as :func:`attention_colsum`; ``stride=1`` is the exact statistic.
+    """
+    q = queries.shape[2]
+    if stride == 1:
+        return attention_colsum(queries, keys, scaling=scaling, query_pos=query_pos, key_pos=key_pos,
+                                key_bias=key_bias, query_valid=query_valid, form=form)
+    t = min(q, tail)
+    pick = torch.cat([torch.arange(q - t - 1, -1, -stride, device=queries.device).flip(0),
+                      torch.arange(q - t, q, device=queries.device)])
+    qv = None if query_valid is None else query_valid[:, pick]
+    sums = attention_colsum(queries[:, :, pick], keys, scaling=scaling, query_pos=query_pos[:, pick],
+                            key_pos=key_pos, key_bias=key_bias, query_valid=qv, form=form)
+    every = _queries_seeing(query_pos, query_valid, key_pos)
+    sampled = _queries_seeing(query_pos[:, pick], qv, key_pos)
+    return sums.mul_(every / sampled.clamp_min(1))
+
+
+def _queries_seeing(query_pos: Tensor, query_valid: Tensor | None, key_pos: Tensor) -> Tensor:
+    """``[B, Hkv, S]`` fp32: how many valid queries (``[B, Q]`` positions) are at or after each entry's position."""
+    pos = query_pos if query_valid is None else query_pos.masked_fill(~query_valid, torch.iinfo(query_pos.dtype).min)
+    pos = pos.sort(dim=-1).values.contiguous()
+    b, hkv, s = key_pos.shape
+    before = torch.searchsorted(pos, key_pos.reshape(b, hkv * s).contiguous(), right=False)
+    return (pos.shape[-1] - before).view(b, hkv, s).float()
+
+
+def group_colsum(probs: Tensor) -> Tensor:
+    """``[B, Hkv, g, c, n]`` probabilities -> ``[B, Hkv, n]``: summed over the chunk's queries (one
+    matrix-vector product per query head, a single read of the chunk), then averaged over the group's
+    query heads (so a group of identical heads gives exactly its head's sums)."""
+    ones = probs.new_ones((1, 1, 1, 1, probs.shape[3]))
+    return torch.matmul(ones, probs).squeeze(3).mean(dim=2)
 
 
 def attention_with_colsum(
@@ -119,7 +181,7 @@ def attention_with_colsum(
         # [B, Hkv, g*c, n] @ [B, Hkv, n, Dv]: one batched matmul per KV head, no broadcast over the group
         out[:, :, :, lo: lo + c] = (probs.view(b, hkv, g * c, n) @ v32[:, :, :n]).view(b, hkv, g, c, dv)
         if acc is not None:
-            acc[..., :n] += probs.sum(dim=3).mean(dim=2)
+            acc[..., :n] += group_colsum(probs)
     return out.view(b, h, q, dv), acc
 
 
@@ -137,16 +199,17 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     b, h, q, d = queries.shape
     hkv, s = keys.shape[1], keys.shape[2]
     g = h // hkv
-    queries, keys = queries.detach(), keys.detach()  # statistics, never differentiated
-    k32 = keys.float()
+    queries = queries.detach()  # statistics, never differentiated
+    # keys transposed once, [B, Hkv, D, S]: every chunk's Q·Kᵀ reads a prefix of contiguous rows
+    kt = keys.detach().to(torch.float32).transpose(-1, -2).contiguous()
     # at least 8 chunks (of >= 32 queries): each chunk scores only the key prefix it sees, so a few
     # queries spread over the whole sequence (a strided estimate) still skip most of the causal triangle
-    step = min(chunk_rows(q, b * h * s * 4 * 2, max_bytes), max(32, -(-q // 8)))
-    # Two buffers reused by every chunk (logits, probabilities): a fresh multi-MiB tensor per chunk costs
-    # more in page faults than the softmax itself on CPU. The yielded tensor is a view of the second one,
-    # valid until the next chunk.
+    step = min(chunk_rows(q, b * h * s * 4, min(max_bytes, STAT_CHUNK_BYTES)), max(32, -(-q // 8)))
+    # Buffers reused by every chunk (scaled queries, logits; the softmax runs in place): a fresh multi-MiB
+    # tensor per chunk costs more in page faults than the softmax itself on CPU, and one logits buffer
+    # instead of two halves the working set. The yielded tensor is a view of it, valid until the next chunk.
+    q_buf = torch.empty(b * h * step * d, dtype=torch.float32, device=keys.device)
     logits_buf = torch.empty(b * h * step * s, dtype=torch.float32, device=keys.device)
-    probs_buf = torch.empty_like(logits_buf)
     sinks = None if form.sinks is None else form.sinks.detach().float().view(1, hkv, g, 1, 1)
     for lo in range(0, q, step):
         hi = min(q, lo + step)
@@ -158,9 +221,10 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
             n, n_all = s, 0  # positions not sorted: no prefix shortcuts
         if form.window is not None:
             n_all = 0  # the window hides leading entries from later queries: every column is masked
-        qc = (queries[:, :, lo:hi].float() * scaling).reshape(b, hkv, g * c, d)
+        qc = q_buf[: b * h * c * d].view(b, h, c, d)
+        qc.copy_(queries[:, :, lo:hi]).mul_(scaling)  # fp32 first, then the scale (as queries.float() * scaling)
         logits = logits_buf[: b * h * c * n].view(b, hkv, g * c, n)
-        torch.matmul(qc, k32[:, :, :n].transpose(-1, -2), out=logits)
+        torch.matmul(qc.view(b, hkv, g * c, d), kt[..., :n], out=logits)
         logits = logits.view(b, hkv, g, c, n)
         if form.softcap is not None:  # before the bias and the mask, as the models apply it
             logits.div_(form.softcap).tanh_().mul_(form.softcap)
@@ -172,7 +236,7 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
             if form.window is not None:
                 hidden |= kp <= qp - form.window
             logits[..., n_all:n].masked_fill_(hidden, float("-inf"))
-        probs = softmax_with_sinks(logits, sinks, out=probs_buf[: b * h * c * n].view(b, hkv, g, c, n))
+        probs = softmax_with_sinks(logits, sinks, out=logits)
         dead = probs[..., :1].isnan()  # [B, Hkv, g, c, 1]: a query that sees nothing (an all -inf row)
         if query_valid is not None:
             dead = dead | ~query_valid[:, None, None, lo:hi, None]

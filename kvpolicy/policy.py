@@ -162,8 +162,8 @@ class CompressionContext:
     def accumulated_attention(self, query_stride: int = 1) -> Tensor:
         """``[B, Hkv, S]``: attention each entry received from all queries so far (H2O's score).
 
-        ``query_stride > 1`` estimates this event's share from every ``query_stride``-th query (counted
-        back from the last one, which is always included), scaled by ``query_stride``: a
+        ``query_stride > 1`` estimates this event's share from the last 32 queries and every
+        ``query_stride``-th query before them (:func:`kvpolicy.observe.estimated_colsum`): about a
         ``1/query_stride`` share of the cost of the exact statistic.
         """
         key = ("acc", query_stride)
@@ -173,11 +173,10 @@ class CompressionContext:
                 return self.accumulated
             acc = self.query_colsum if query_stride == 1 else None  # computed by the fused prefill attention
             if acc is None:
-                q, qpos, qv = self._need_queries("accumulated attention"), self.query_pos, self.query_valid
-                if query_stride > 1:
-                    pick = torch.arange(q.shape[2] - 1, -1, -query_stride, device=q.device).flip(0)
-                    q, qpos, qv = q[:, :, pick], qpos[:, pick], None if qv is None else qv[:, pick]
-                acc = self._colsum(q, qpos, qv).mul_(query_stride)
+                acc = observe.estimated_colsum(
+                    self._need_queries("accumulated attention"), self.keys, stride=query_stride,
+                    scaling=self.scaling, query_pos=self.query_pos, key_pos=self.positions, key_bias=self.key_bias,
+                    query_valid=self.query_valid, form=self.form)
             self._memo[key] = acc if self.accumulated is None else acc + self.accumulated
         return self._memo[key]
 

@@ -28,7 +28,7 @@ def reference(smollm2, smol_passage):
         probs = out[1][0].float()  # [H, L, L]
         L = probs.shape[1]
         stats.append({"colsum": probs.sum(1), "last32": probs[:, -32:].sum(1), "last": probs[:, -1],
-                      "stride8": probs[:, (L - 1) % 8::8].sum(1)})  # queries L-1, L-9, ... (strided H2O)
+                      "stride8": strided_estimate(probs, 8)})
 
     handles = [layer.self_attn.register_forward_hook(hook) for layer in model.model.layers]
     model.set_attn_implementation("eager")
@@ -41,6 +41,18 @@ def reference(smollm2, smol_passage):
         for h in handles:
             h.remove()
     return stats, cache
+
+
+def strided_estimate(probs: torch.Tensor, stride: int, tail: int = 32) -> torch.Tensor:
+    """H2O's column sums ``[H, L]`` from the last ``tail`` queries and every ``stride``-th one before them, each
+    key's sum scaled by (queries that see it) / (sampled queries that see it)."""
+    L = probs.shape[1]
+    t = min(L, tail)
+    pick = torch.tensor(list(range(L - t - 1, -1, -stride))[::-1] + list(range(L - t, L)))
+    keys = torch.arange(L)
+    seen_by = (L - keys).float()
+    sampled = (pick[:, None] >= keys[None]).sum(0).float()
+    return probs[:, pick].sum(1) * seen_by / sampled.clamp_min(1)
 
 
 def _group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

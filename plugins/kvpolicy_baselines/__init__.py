@@ -7,7 +7,7 @@ composes (top-k selection, no merge, decode rules, layer schedules).
 from __future__ import annotations
 
 from kvpolicy.hookspecs import hookimpl
-from kvpolicy.registry import Preset
+from kvpolicy.registry import Preset, estimated
 
 from kvpolicy_baselines.scorers import TOVA, AccumulatedAttention, KeyNorm, RandomScore, Recency, SnapKV
 from kvpolicy_baselines.steps import KeepAll, NoDecode, NoMerge, Pyramid, Rolling, TopK, Uniform
@@ -27,7 +27,7 @@ def kvpolicy_presets() -> list[Preset]:
         return Preset(name, {"name": name, "description": desc, "budget": budget, "scorer": scorer,
                              **_EVICT, **steps}, desc)
 
-    return [
+    presets = [
         p("full", "no compression (reference)", {"name": "streaming"}, {"ratio": 1.0, "sink": 0},
           selector="all"),
         p("streaming", "StreamingLLM: 4 sink tokens + the most recent ones", {"name": "streaming"},
@@ -49,3 +49,4 @@ def kvpolicy_presets() -> list[Preset]:
           {"name": "accumulated-attention"}, {"ratio": 0.2, "sink": 4, "recent": 0.5},
           decode={"name": "rolling", "every": 16}),
     ]
+    return presets + [estimated(x) for x in presets if x.name == "h2o"]

@@ -16,7 +16,7 @@ See ``docs/methods/beyond.md`` for the figures.
 from __future__ import annotations
 
 from kvpolicy.hookspecs import hookimpl
-from kvpolicy.registry import Preset
+from kvpolicy.registry import Preset, estimated
 
 from kvpolicy_beyond.merge import MassMerge, MassPivotal, fold, merge_filter
 from kvpolicy_beyond.score import DEFAULT_PROMPT, MaxAttention, Reconstruction
@@ -43,7 +43,7 @@ def kvpolicy_presets() -> list[Preset]:
     h2o = {"name": "accumulated-attention"}
     lite = {"name": "reconstruction", "chunk": 512, "stride": 2}
     mass = {"name": "mass", "keys": "keep", "weights": "attention", "mass": "count"}
-    return [
+    presets = [
         _preset("h2o-mass", "H2O selection + value-only mass-preserving merge (attention weights, +log n)",
                 h2o, mass, H2O_BUDGET),
         _preset("h2o-mass-stride8", "h2o-mass with H2O's score (and the merge weights) from every 8th prefill query",
@@ -61,3 +61,4 @@ def kvpolicy_presets() -> list[Preset]:
         _preset("kvzip-lite-mass", "kvzip-lite selection + value-only mass-preserving merge (score weights)",
                 lite, {**mass, "weights": "score"}, KVZIP_BUDGET),
     ]
+    return presets + [estimated(x) for x in presets if x.name == "h2o-mass"]

@@ -15,7 +15,7 @@ entries) and ``elastic-cache-vonly`` (values merged, anchors keep their keys, ``
 from __future__ import annotations
 
 from kvpolicy.hookspecs import hookimpl
-from kvpolicy.registry import Preset
+from kvpolicy.registry import Preset, estimated
 
 from kvpolicy_elastic.elastic import (ElasticAnchors, ElasticBucket, ElasticImportance, FixedPoint, bucket_fold,
                                       bucket_merge, bucket_owner, candidates, choose_anchors, fixed_point,
@@ -54,4 +54,5 @@ def kvpolicy_presets() -> list[Preset]:
               False, {"mass": True}),
              ("elastic-cache-vonly", "Elastic Cache merging values only (anchors keep their keys), +log n logit bias",
               False, {"keys": "keep", "mass": True})]
-    return [Preset(name, _config(name, desc, compat, merger), desc) for name, desc, compat, merger in items]
+    presets = [Preset(name, _config(name, desc, compat, merger), desc) for name, desc, compat, merger in items]
+    return presets + [estimated(presets[0])]

@@ -189,13 +189,19 @@ def bucket_fold(keys: Tensor, values: Tensor, idx: Tensor, ev_idx: Tensor, owner
 
 # --------------------------------------------------------------------------------------------- steps
 class ElasticImportance(Scorer):
-    """Elastic Cache importance: accumulated attention averaged over heads (one score per layer)."""
+    """Elastic Cache importance: accumulated attention averaged over heads (one score per layer).
+
+    ``query_stride: s > 1`` estimates it from every ``s``-th prefill query (as ``accumulated-attention``);
+    ``1`` (default, the paper) is exact.
+    """
 
     name: ClassVar[str] = "elastic-importance"
     observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
+    query_stride: int = Field(default=1, ge=1, le=4096,
+                              description="estimate from every s-th prefill query (1 = exact)")
 
     def score(self, ctx: CompressionContext) -> Tensor:
-        return ctx.accumulated_attention().mean(1, keepdim=True)  # [B, 1, S]
+        return ctx.accumulated_attention(self.query_stride).mean(1, keepdim=True)  # [B, 1, S]
 
 
 class ElasticAnchors(Selector):

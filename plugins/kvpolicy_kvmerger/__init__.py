@@ -23,7 +23,7 @@ See :mod:`kvpolicy_kvmerger.kvmerger`.
 from __future__ import annotations
 
 from kvpolicy.hookspecs import hookimpl
-from kvpolicy.registry import Preset
+from kvpolicy.registry import Preset, estimated
 
 from kvpolicy_kvmerger.kvmerger import (KVMergerGaussian, KVMergerSets, MergeSets, adjacent_cosine, exact_joins,
                                         gaussian_merge, merging_sets, protected_entries)
@@ -61,9 +61,10 @@ def kvpolicy_presets() -> list[Preset]:
     paper = "kvmerger-exact with the paper's |S|-scaled merged values"
     shares = {"recent": 0.17, "heavy": 0.12}
     exact_sel = {"recent": 0.08, "heavy": 0.02, "mode": "exact"}
-    return [
+    presets = [
         Preset("kvmerger", _config("kvmerger", capped, 0.5, {**shares, "mode": "capped"}, mass="bias"), capped),
         Preset("kvmerger-paper", _config("kvmerger-paper", fixed, 0.5, {**shares, "mode": "fixed"}), fixed),
         Preset("kvmerger-exact", _config("kvmerger-exact", exact, 0.2, exact_sel, mass="bias"), exact),
         Preset("kvmerger-exact-paper", _config("kvmerger-exact-paper", paper, 0.2, exact_sel), paper),
     ]
+    return presets + [estimated(x) for x in presets if x.name in ("kvmerger", "kvmerger-exact")]

@@ -14,7 +14,7 @@ See :mod:`kvpolicy_lookm.lookm` for the algorithm and the decisions taken.
 from __future__ import annotations
 
 from kvpolicy.hookspecs import hookimpl
-from kvpolicy.registry import Preset
+from kvpolicy.registry import Preset, estimated
 
 from kvpolicy_lookm.lookm import (Averaged, LookMTopK, MergeResult, Pivotal, TextPrior, Weighted, lookm_budget,
                                   lookm_merge, merge_rule, similarity_filter)
@@ -51,6 +51,7 @@ def kvpolicy_presets() -> list[Preset]:
     out = [_preset("text-prior-h2o", "LOOK-M text-prior H2O: text kept first, no merge", "none", True)]
     for short, rule in _RULES.items():
         out.append(_preset(f"lookm-{short}", f"LOOK-M: text prior + {rule} merge of evicted KV", rule, True))
+        out.append(estimated(out[-1]))
         out.append(_preset(f"lookm-{short}-notp", f"LOOK-M {rule} merge without text prior, 4 sinks forced",
                            rule, False))
     return out

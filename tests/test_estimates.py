@@ -1,0 +1,138 @@
+"""The statistic's fast paths (issue 17): the exact fused pass is unchanged, and each seed method's ``-fast``
+preset estimates its accumulated attention from every 16th prefill query, checked against naive references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolicy
+from kvpolicy import observe
+from kvpolicy.compat import cache_kwargs
+from kvpolicy.registry import ESTIMATE_STRIDE, Preset, estimated, get_registry
+from kvpolicy.testing import Case, make_context, make_inputs, tiny_model
+
+SEEDS = ("h2o", "h2o-mass", "lookm-avg", "lookm-pivot", "lookm-weighted", "elastic-cache", "kvmerger",
+         "kvmerger-exact")
+
+
+def _naive_colsum(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Column sums of the causal softmax by the full ``[Q, S]`` matrix, group-averaged ``[B, Hkv, S]``."""
+    g = q.shape[1] // k.shape[1]
+    logits = (q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    kpos = torch.arange(k.shape[2])
+    logits = logits.masked_fill(kpos[None, None, None, :] > qpos[:, None, :, None], float("-inf"))
+    probs = logits.softmax(-1).sum(2)  # [B, H, S]
+    return probs.view(k.shape[0], k.shape[1], g, -1).mean(2)
+
+
+def _naive_estimate(q: torch.Tensor, k: torch.Tensor, stride: int, tail: int) -> torch.Tensor:
+    """The ratio estimate by hand: the last ``tail`` queries and every ``stride``-th one before them; each key's sum
+    times (queries that see it) / (sampled queries that see it)."""
+    L = q.shape[2]
+    t = min(L, tail)
+    pick = torch.tensor(list(range(L - t - 1, -1, -stride))[::-1] + list(range(L - t, L)), dtype=torch.long)
+    sums = _naive_colsum(q[:, :, pick], k, pick[None].expand(q.shape[0], -1), k.shape[-1] ** -0.5)
+    keys = torch.arange(L)
+    return sums * (L - keys).double() / (pick[:, None] >= keys[None]).sum(0).double()
+
+
+@pytest.mark.parametrize("stride", [1, 3, 16])
+def test_estimated_colsum_is_the_ratio_estimate_and_a_padded_row_equals_it_alone(stride):
+    gen = torch.Generator().manual_seed(stride)
+    L, pad = 90, 17
+    q = torch.randn(1, 4, L, 8, generator=gen) * 2
+    k = torch.randn(1, 2, L, 8, generator=gen) * 2
+    pos = torch.arange(L)[None]
+    got = observe.estimated_colsum(q, k, stride=stride, scaling=8 ** -0.5, query_pos=pos,
+                                   key_pos=pos[:, None].expand(1, 2, L))
+    want = _naive_colsum(q, k, pos, 8 ** -0.5) if stride == 1 else _naive_estimate(q, k, stride, tail=32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # the same row left-padded in a batch of 2 (pads: invalid queries and -inf keys) gives the same sums
+    qb = torch.cat([torch.randn(1, 4, pad, 8, generator=gen), q], 2).repeat(2, 1, 1, 1)
+    kb = torch.cat([torch.randn(1, 2, pad, 8, generator=gen), k], 2).repeat(2, 1, 1, 1)
+    valid = torch.ones(2, L + pad, dtype=torch.bool)
+    valid[1, :pad] = False
+    bpos = (valid.cumsum(-1) - 1).clamp_min(0)
+    bias = torch.zeros(2, 2, L + pad).masked_fill(~valid[:, None], float("-inf"))
+    batch = observe.estimated_colsum(qb, kb, stride=stride, scaling=8 ** -0.5, query_pos=bpos,
+                                     key_pos=bpos[:, None].expand(2, 2, -1), key_bias=bias, query_valid=valid)
+    torch.testing.assert_close(batch[1, :, pad:], got[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [5, 300, 1100])
+def test_fused_pass_equals_the_naive_statistic_and_sdpa(length):
+    """Chunks, the in-place softmax and the matrix-vector column sums change nothing (GQA 3, 2 rows)."""
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 6, length, 16, generator=gen) * 2
+    k, v = torch.randn(2, 2, length, 16, generator=gen) * 2, torch.randn(2, 2, length, 16, generator=gen)
+    pos = torch.arange(length).expand(2, -1)
+    out, sums = observe.attention_with_colsum(q, k, v, scaling=0.25, query_pos=pos, key_pos=pos[:, None].expand(2, 2, -1),
+                                              max_bytes=64 * 1024)  # many chunks
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.25)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums.double(), _naive_colsum(q, k, pos, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_every_seed_method_has_a_fast_preset_one_setting_from_the_faithful_one():
+    presets = get_registry().presets
+    for name in SEEDS:
+        fast = kvpolicy.load_policy(f"{name}-fast").to_config()
+        exact = kvpolicy.load_policy(name).to_config()
+        assert fast["scorer"].pop("query_stride") == ESTIMATE_STRIDE
+        assert exact["scorer"].pop("query_stride") == 1
+        for cfg in (fast, exact):
+            cfg.pop("name"), cfg.pop("description")
+        assert fast == exact, name  # nothing else differs
+        assert presets[f"{name}-fast"].obj.config["scorer"]["query_stride"] == ESTIMATE_STRIDE
+    with pytest.raises(ValueError, match="already estimates"):
+        estimated(Preset("x", {"scorer": {"name": "accumulated-attention", "query_stride": 8}}))
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_elastic_importance_estimates_from_every_stride_th_query(stride):
+    """Elastic Cache's importance with ``query_stride``: the head mean of the strided column sums times the
+    stride (queries L-1, L-1-s, ...), against the naive softmax."""
+    policy = kvpolicy.load_policy("elastic-cache")
+    scorer = type(policy.scorer)(query_stride=stride)
+    case = Case(batch=1, kv_heads=2, group=2, seq=40, head_dim=8, dtype=torch.float32, pads=(0,), pattern="random",
+                image_share=0.0, budget={"ratio": 0.5}, layer_idx=0, n_layers=1, seed=3)
+    inputs = make_inputs(case)
+    ctx = make_context(policy, case, inputs)
+    got = scorer.score(ctx)
+    want = _naive_estimate(inputs.queries, inputs.keys, stride, tail=32)
+    torch.testing.assert_close(got.double(), want.mean(1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["h2o", "lookm-pivot", "elastic-cache", "kvmerger-exact"])
+def test_fast_presets_skip_the_fused_pass_and_estimate_once_per_layer(name, monkeypatch):
+    """On the tiny Llama: a ``-fast`` preset never runs the fused prefill statistic; each layer estimates once with
+    stride 16 (the mergers that weight by attention reuse it), and it keeps the entries of the faithful preset with
+    ``query_stride`` set by hand. The faithful preset computes the statistic inside the prefill attention."""
+    model = tiny_model()
+    ids = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+    real = observe.estimated_colsum
+
+    def spy(*args, **kw):
+        calls.append(kw["stride"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(observe, "estimated_colsum", spy)
+    by_hand = kvpolicy.load_policy(name).to_config()
+    by_hand["scorer"]["query_stride"] = ESTIMATE_STRIDE
+    kept = []
+    for policy in (kvpolicy.load_policy(f"{name}-fast"), kvpolicy.load_policy(by_hand)):
+        calls.clear()
+        with torch.no_grad(), kvpolicy.compress(model, policy) as cache:
+            assert not cache._wants_acc
+            model(input_ids=ids, **cache_kwargs(model, cache))
+            kept.append([layer.positions.clone() for layer in cache.layers])
+        assert calls == [ESTIMATE_STRIDE] * len(cache.layers)
+    for a, b in zip(*kept):
+        assert torch.equal(a, b)
+    calls.clear()
+    with torch.no_grad(), kvpolicy.compress(model, name) as cache:
+        assert cache._wants_acc
+        model(input_ids=ids, **cache_kwargs(model, cache))
+    assert calls == []  # exact: from the fused prefill attention, no separate pass
