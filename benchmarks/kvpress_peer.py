@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path(os.environ.get("KVPOLICY_CACHE", Path.home() / ".cache" / "kvpolicy")) / "smollm2-135m-instruct"
 PRESSES = ("snapkv", "streaming", "knorm", "tova", "expected-attention", "pyramidkv", "kvzip", "adakv-snapkv",
-           "adakv-expected-attention", "criticalkv")
+           "adakv-expected-attention", "criticalkv", "think-snapkv")
 
 
 def load_metrics() -> Any:
@@ -61,6 +61,11 @@ def make_press(name: str, budget: float) -> Any:
         "adakv-snapkv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
         "adakv-expected-attention": lambda: kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
         "criticalkv": lambda: kvpress.CriticalKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
+        # ThinK on SnapKV's selection, as our think-snapkv (half the key channels, window 32); kvpress zeroes the
+        # pruned channels and keeps them in memory
+        "think-snapkv": lambda: kvpress.ComposedPress([kvpress.SnapKVPress(compression_ratio=ratio),
+                                                       kvpress.ThinKPress(key_channel_compression_ratio=0.5,
+                                                                          window_size=32)]),
     }
     if name not in table:
         raise SystemExit(f"unknown press {name!r}; allowed: {', '.join(table)}")

@@ -104,6 +104,7 @@ class KVPolicyLayer(DynamicLayer):
         self.n_before = 0  # n_seen before the current forward
         self.pending = False  # compress after this forward's attention
         self.query_colsum: Tensor | None = None  # [B, Hkv, S] set by fused_prefill_attention for this event
+        self.query_lse: Tensor | None = None  # [B, H, q] fp32: the prefill queries' log-sum-exp, for an estimate
         self.state: dict[str, Any] = {}
         self.events: list[tracing.CompressionEvent] = []
         self._buffers: dict[str, Tensor] = {}  # per-entry storage with spare room (see _extend)
@@ -501,6 +502,8 @@ class KVPolicyCache(Cache):
         # it from a stride of queries (CompressionContext.accumulated_attention; the others then reuse it)
         self._wants_acc = "accumulated_attention" in obs and all(
             getattr(step, "query_stride", 1) == 1 for step in policy.steps())
+        # ... or the estimate reads the log-sum-exp that the prefill attention's kernel returns with it
+        self._wants_lse = "accumulated_attention" in obs and not self._wants_acc
         self._qwindow = policy.decode.query_window if policy.decode.compacts else 0
         # deferred prefill (context reconstruction): see kvpolicy.integrate and ReconstructionPlan
         self.plan = policy.reconstruction()
@@ -646,11 +649,20 @@ class KVPolicyCache(Cache):
         only when the layer compresses now or keeps the statistic for its decode rule.
         """
         layer: KVPolicyLayer = self.layers[layer_idx]
-        if (not layer.pending or not self._wants_acc or self.plan is not None or self.observing
+        if (not layer.pending or not (self._wants_acc or self._wants_lse) or self.plan is not None or self.observing
                 or (query.requires_grad and torch.is_grad_enabled())):
             return None
         if not self._keep_acc and not _shrinks(self._budget(layer), layer):
             return None  # the layer keeps everything: nobody reads the statistic
+        if self._wants_lse:
+            if not layer.form.plain or layer.heads is not None or layer.thin_keys is not None:
+                return None  # the estimate then samples whole softmax rows
+            from kvpolicy.integrate import sdpa_with_lse  # the engine adapter imports this module
+
+            q_len = query.shape[2]
+            out, layer.query_lse = sdpa_with_lse(query, layer.keys, layer.values, layer.attention_mask(q_len, None),
+                                                 scaling, q_len > 1)
+            return out
         layer.join_heads()  # a ragged layer's prefill: one dense copy, split again by the compression
         qpos, qvalid = _event_queries(layer, query)
         out, layer.query_colsum = observe.attention_with_colsum(
@@ -681,8 +693,8 @@ class KVPolicyCache(Cache):
         budget = self._budget(layer)
         qpos, qvalid = _event_queries(layer, query)
         ctx = self._ctx(layer, "prefill", budget, scaling, queries=query, query_pos=qpos, query_valid=qvalid,
-                        query_colsum=layer.query_colsum)
-        layer.query_colsum = None
+                        query_colsum=layer.query_colsum, query_lse=layer.query_lse)
+        layer.query_colsum = layer.query_lse = None
         if not _shrinks(budget, layer) and not self._thins:
             if self._keep_acc:
                 layer.acc = ctx.computed_accumulated()

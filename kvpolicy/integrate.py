@@ -53,6 +53,27 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling
     return out.reshape(b, h, q, d)
 
 
+def sdpa_with_lse(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float, causal: bool
+                  ) -> tuple[Tensor, Tensor | None]:
+    """:func:`sdpa` and, on CPU, the log-sum-exp of each query's logits ``[B, H, q]`` fp32 that PyTorch's fused
+    flash kernel computes anyway (its ``_scaled_dot_product_flash_attention_for_cpu``); None elsewhere. Every
+    probability of the attention is then ``exp(scale · q·k + bias - lse)``: an estimate of the accumulated
+    attention can read any (query, key) pair without a softmax (:func:`kvpolicy.observe.estimated_colsum`)."""
+    if query.device.type != "cpu":
+        return sdpa(query, key, value, mask, scaling, causal), None
+    g = query.shape[1] // key.shape[1]
+    if g > 1:  # the kernel wants as many KV heads as query heads
+        key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    m = None
+    if mask is not None:
+        m = mask.to(query.dtype)
+        if m.shape[1] not in (1, query.shape[1]):
+            m = m.repeat_interleave(g, dim=1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, causal and m is None, attn_mask=m, scale=scaling)
+    return out, lse.float()
+
+
 #: queries per chunk of a sliding-window layer's attention (each chunk sees at most ``chunk + window`` keys)
 WINDOW_CHUNK = 512
 

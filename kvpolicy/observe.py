@@ -88,6 +88,9 @@ def attention_colsum(
 
 #: the last queries an estimate always reads in full (:func:`estimated_colsum`)
 ESTIMATE_TAIL = 32
+#: with the queries' log-sum-exp, the attention of each query to the entries this close (in positions) is
+#: exact in an estimate; only the farther pairs are sampled
+ESTIMATE_BAND = 64
 
 
 def estimated_colsum(
@@ -101,15 +104,23 @@ def estimated_colsum(
     key_bias: Tensor | None = None,
     query_valid: Tensor | None = None,
     form: AttentionForm = PLAIN,
+    lse: Tensor | None = None,
     tail: int = ESTIMATE_TAIL,
+    band: int = ESTIMATE_BAND,
 ) -> Tensor:
     """:func:`attention_colsum` estimated from a sample of the queries, at about ``1/stride`` of its cost.
 
     The sample is the last ``tail`` queries and every ``stride``-th query before them (counted back from the
     tail). Each entry's sum over the sampled queries that see it is scaled by how many valid queries see it
     over how many sampled ones do (a ratio estimate: an entry near the end, seen by few queries, is not
-    scaled by ``stride``; one seen by every query is scaled by about ``stride``). Same arguments and result
-    as :func:`attention_colsum`; ``stride=1`` is the exact statistic.
+    scaled by ``stride``; one seen by every query is scaled by about ``stride``).
+
+    With ``lse [B, H, Q]`` (each query's log-sum-exp over the entries, which the prefill attention's kernel
+    returns; plain forms only), the attention of *every* query to the entries less than ``band`` positions
+    back is exact (``exp(scale·q·k + bias - lse)``: the largest and most variable share, the local
+    attention); only the pairs farther apart are estimated from the sample, with the same ratio.
+
+    Same arguments and result as :func:`attention_colsum`; ``stride=1`` is the exact statistic.
     """
     q = queries.shape[2]
     if stride == 1:
@@ -119,11 +130,54 @@ def estimated_colsum(
     pick = torch.cat([torch.arange(q - t - 1, -1, -stride, device=queries.device).flip(0),
                       torch.arange(q - t, q, device=queries.device)])
     qv = None if query_valid is None else query_valid[:, pick]
-    sums = attention_colsum(queries[:, :, pick], keys, scaling=scaling, query_pos=query_pos[:, pick],
-                            key_pos=key_pos, key_bias=key_bias, query_valid=qv, form=form)
-    every = _queries_seeing(query_pos, query_valid, key_pos)
-    sampled = _queries_seeing(query_pos[:, pick], qv, key_pos)
-    return sums.mul_(every / sampled.clamp_min(1))
+    sorted_keys = bool((key_pos[..., 1:] >= key_pos[..., :-1]).all())
+    near = 0 if lse is None or not form.plain or not sorted_keys else band
+    sums = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for lo, probs in _prob_chunks(queries[:, :, pick], keys, scaling, query_pos[:, pick], key_pos, key_bias, qv,
+                                  DEFAULT_CHUNK_BYTES, form):
+        n = probs.shape[-1]
+        if near:  # the band is exact below: the sample stands for the farther pairs only
+            qp = query_pos[:, pick][:, lo:lo + probs.shape[3]]
+            far = int((key_pos[..., :n] <= qp.min() - near).sum(-1).min())  # sorted: columns far from every query
+            probs[..., far:].masked_fill_(key_pos[:, :, None, None, far:n] > qp[:, None, None, :, None] - near, 0.0)
+        sums[..., :n] += group_colsum(probs)
+    every = _queries_seeing(query_pos, query_valid, key_pos + near)
+    sampled = _queries_seeing(query_pos[:, pick], qv, key_pos + near)
+    sums.mul_(every / sampled.clamp_min(1))
+    if near:
+        sums += _band_colsum(queries, keys, lse, scaling, query_pos, key_pos, key_bias, query_valid, near)
+    return sums
+
+
+def _band_colsum(queries: Tensor, keys: Tensor, lse: Tensor, scaling: float, query_pos: Tensor, key_pos: Tensor,
+                 key_bias: Tensor | None, query_valid: Tensor | None, band: int, chunk: int = 128) -> Tensor:
+    """``[B, Hkv, S]``: the exact attention every query gives the entries less than ``band`` positions before it
+    (itself included), ``exp(scale·q·k + bias - lse)`` in query chunks over the slots a chunk's band can reach
+    (entries sorted by position, the queries the last ``Q`` slots' or later)."""
+    b, h, q, d = queries.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    g = h // hkv
+    out = torch.zeros(b, hkv, s, dtype=torch.float32, device=keys.device)
+    k32 = keys.detach().float()
+    for lo in range(0, q, chunk):
+        hi = min(q, lo + chunk)
+        c = hi - lo
+        k0, k1 = max(0, s - q + lo - band + 1), s - q + hi  # slots within reach of the chunk's bands
+        qc = (queries[:, :, lo:hi].detach().float() * scaling).reshape(b, hkv, g * c, d)
+        logits = torch.matmul(qc, k32[:, :, k0:k1].transpose(-1, -2)).view(b, hkv, g, c, k1 - k0)
+        if key_bias is not None:
+            logits.add_(key_bias[:, :, None, None, k0:k1])
+        logits.sub_(lse[:, :, lo:hi].reshape(b, hkv, g, c, 1))
+        kp, qp = key_pos[:, :, None, None, k0:k1], query_pos[:, None, None, lo:hi, None]
+        outside = (kp > qp) | (kp <= qp - band)
+        if query_valid is not None:
+            outside = outside | ~query_valid[:, None, None, lo:hi, None]
+        if key_bias is not None:
+            outside = outside | key_bias[:, :, None, None, k0:k1].isneginf()
+        # clamped first: exp is several times slower on arguments that underflow or overflow
+        probs = logits.clamp_(-80.0, 80.0).exp_().masked_fill_(outside, 0.0)
+        out[..., k0:k1] += group_colsum(probs)
+    return out
 
 
 def _queries_seeing(query_pos: Tensor, query_valid: Tensor | None, key_pos: Tensor) -> Tensor:
@@ -204,7 +258,10 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     kt = keys.detach().to(torch.float32).transpose(-1, -2).contiguous()
     # at least 8 chunks (of >= 32 queries): each chunk scores only the key prefix it sees, so a few
     # queries spread over the whole sequence (a strided estimate) still skip most of the causal triangle
-    step = min(chunk_rows(q, b * h * s * 4, min(max_bytes, STAT_CHUNK_BYTES)), max(32, -(-q // 8)))
+    # chunks of STAT_CHUNK_BYTES, but of >= 32 queries (within max_bytes): at long contexts a chunk of few queries
+    # re-reads every key and value for little work (32k tokens: 7 queries per chunk cost 2.1x SDPA, 28 cost 1.6x)
+    row = b * h * s * 4
+    step = min(chunk_rows(q, row, max_bytes), max(chunk_rows(q, row, STAT_CHUNK_BYTES), 32), max(32, -(-q // 8)))
     # Buffers reused by every chunk (scaled queries, logits; the softmax runs in place): a fresh multi-MiB
     # tensor per chunk costs more in page faults than the softmax itself on CPU, and one logits buffer
     # instead of two halves the working set. The yielded tensor is a view of it, valid until the next chunk.

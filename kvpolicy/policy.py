@@ -131,6 +131,8 @@ class CompressionContext:
     accumulated: Tensor | None = None  # [B, Hkv, S] fp32, attention accumulated before this event
     #: [B, Hkv, S] fp32 attention this event's queries gave each entry, when the attention pass computed it
     query_colsum: Tensor | None = None
+    #: [B, H, Q] fp32 log-sum-exp of this event's queries' logits, when the attention kernel returned it
+    query_lse: Tensor | None = None
     multiplicity: Tensor | None = None  # [B, Hkv, S] fp32, tokens each entry stands for
     #: [B, Hkv, S] fp32, max attention each entry received from the queries of a context-reconstruction
     #: pass (set only for policies whose steps return a :class:`ReconstructionPlan`, see the cache)
@@ -176,7 +178,7 @@ class CompressionContext:
                 acc = observe.estimated_colsum(
                     self._need_queries("accumulated attention"), self.keys, stride=query_stride,
                     scaling=self.scaling, query_pos=self.query_pos, key_pos=self.positions, key_bias=self.key_bias,
-                    query_valid=self.query_valid, form=self.form)
+                    query_valid=self.query_valid, form=self.form, lse=self.query_lse)
             self._memo[key] = acc if self.accumulated is None else acc + self.accumulated
         return self._memo[key]
 

@@ -136,3 +136,72 @@ def test_fast_presets_skip_the_fused_pass_and_estimate_once_per_layer(name, monk
         assert cache._wants_acc
         model(input_ids=ids, **cache_kwargs(model, cache))
     assert calls == []  # exact: from the fused prefill attention, no separate pass
+
+
+def _naive_band_estimate(q: torch.Tensor, k: torch.Tensor, stride: int, tail: int, band: int) -> torch.Tensor:
+    """The estimate with each query's log-sum-exp: every query's attention to the keys less than ``band``
+    positions back is exact; the farther pairs come from the sample, ratio-scaled over the queries that see a key
+    from at least ``band`` positions on."""
+    L, g = q.shape[2], q.shape[1] // k.shape[1]
+    logits = (q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2)) * k.shape[-1] ** -0.5
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None]
+    probs = logits.masked_fill(j > i, float("-inf")).softmax(-1)  # [B, H, L, L]
+    near = probs.masked_fill(j <= i - band, 0.0).sum(2)
+    t = min(L, tail)
+    pick = torch.tensor(list(range(L - t - 1, -1, -stride))[::-1] + list(range(L - t, L)), dtype=torch.long)
+    far = probs[:, :, pick].masked_fill(j > pick[:, None] - band, 0.0).sum(2)
+    keys = torch.arange(L)
+    every = (L - (keys + band)).clamp_min(0).double()
+    sampled = (pick[:, None] >= keys[None] + band).sum(0).double().clamp_min(1)
+    est = near + far * every / sampled
+    return est.view(q.shape[0], k.shape[1], g, L).mean(2)
+
+
+@pytest.mark.parametrize("stride", [4, 16])
+def test_the_log_sum_exp_estimate_is_exact_near_and_sampled_far(stride):
+    """``estimated_colsum(..., lse=)`` against the naive matrix, with the kernel's own log-sum-exp
+    (:func:`kvpolicy.integrate.sdpa_with_lse`), and a left-padded row in a batch equals the row alone."""
+    from kvpolicy.integrate import sdpa_with_lse
+
+    gen = torch.Generator().manual_seed(stride)
+    L, pad, band = 300, 23, 64
+    q = torch.randn(1, 4, L, 8, generator=gen) * 2
+    k, v = torch.randn(1, 2, L, 8, generator=gen) * 2, torch.randn(1, 2, L, 8, generator=gen)
+    out, lse = sdpa_with_lse(q, k, v, None, 8 ** -0.5, True)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True, scale=8 ** -0.5), rtol=1e-5, atol=1e-5)
+    pos = torch.arange(L)[None]
+    got = observe.estimated_colsum(q, k, stride=stride, scaling=8 ** -0.5, query_pos=pos,
+                                   key_pos=pos[:, None].expand(1, 2, L), lse=lse, band=band)
+    torch.testing.assert_close(got.double(), _naive_band_estimate(q, k, stride, 32, band), rtol=1e-4, atol=1e-5)
+    # padded batch: pads are invalid queries and -inf keys; the mask lets a pad see itself (no empty row)
+    qb = torch.cat([torch.randn(1, 4, pad, 8, generator=gen), q], 2).repeat(2, 1, 1, 1)
+    kb = torch.cat([torch.randn(1, 2, pad, 8, generator=gen), k], 2).repeat(2, 1, 1, 1)
+    vb = torch.cat([torch.randn(1, 2, pad, 8, generator=gen), v], 2).repeat(2, 1, 1, 1)
+    valid = torch.ones(2, L + pad, dtype=torch.bool)
+    valid[1, :pad] = False
+    n = L + pad
+    vis = valid[:, None, None, :] & (torch.arange(n)[None, :] <= torch.arange(n)[:, None])[None, None]
+    vis |= torch.eye(n, dtype=torch.bool)[None, None]
+    mask = torch.zeros(vis.shape).masked_fill(~vis, float("-inf"))
+    _, blse = sdpa_with_lse(qb, kb, vb, mask, 8 ** -0.5, True)
+    bpos = (valid.cumsum(-1) - 1).clamp_min(0)
+    bias = torch.zeros(2, 2, n).masked_fill(~valid[:, None], float("-inf"))
+    batch = observe.estimated_colsum(qb, kb, stride=stride, scaling=8 ** -0.5, query_pos=bpos,
+                                     key_pos=bpos[:, None].expand(2, 2, -1), key_bias=bias, query_valid=valid,
+                                     lse=blse, band=band)
+    torch.testing.assert_close(batch[1, :, pad:], got[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fast_presets_read_the_prefill_kernels_log_sum_exp(monkeypatch):
+    """In the cache, a ``-fast`` preset's estimate gets the log-sum-exp of the layer's prefill attention."""
+    model = tiny_model()
+    ids = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(0))
+    seen: list[bool] = []
+    real = observe.estimated_colsum
+    monkeypatch.setattr(observe, "estimated_colsum",
+                        lambda *a, **kw: seen.append(kw.get("lse") is not None) or real(*a, **kw))
+    with torch.no_grad(), kvpolicy.compress(model, "h2o-fast") as cache:
+        model(input_ids=ids, **cache_kwargs(model, cache))
+    assert seen == [True] * len(cache.layers)
+    assert all(layer.query_lse is None for layer in cache.layers)  # dropped after the compression

@@ -114,7 +114,8 @@ def replay(cache: KVPolicyCache, prefill: dict[int, tuple[Tensor, Tensor, Tensor
 
     The prefill's outputs do not depend on the policy (each layer is compressed only after its own
     attention), so the cache calls are all that differ: ``begin_forward`` (the model pre-hook), then per
-    layer ``update`` (the attention module) and ``after_attention`` (kvpolicy's attention function).
+    layer ``update`` (the attention module), ``fused_prefill_attention`` and ``after_attention`` (kvpolicy's
+    attention function).
     """
     q_len = prefill[0][0].shape[2]
     cache.begin_forward(q_len, None, None)
@@ -124,6 +125,9 @@ def replay(cache: KVPolicyCache, prefill: dict[int, tuple[Tensor, Tensor, Tensor
         for layer_idx in range(len(cache.layers)):
             keys, values, query, scaling = prefill[layer_idx]
             cache.update(keys, values, layer_idx)
+            # the statistics the attention pass leaves for the compression (the exact column sums, or the
+            # queries' log-sum-exp an estimate reads), as kvpolicy's attention function computes them
+            cache.fused_prefill_attention(layer_idx, query, scaling)
             cache.after_attention(layer_idx, query, scaling)
     finally:
         cache.in_forward = was
