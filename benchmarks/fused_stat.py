@@ -8,7 +8,9 @@ times (medians of ``--repeats`` interleaved runs after one warm-up):
 - ``fused``: :func:`kvpolicy.observe.attention_with_colsum`, the attention output *and* the column sums of
   every query's softmax (what H2O, LOOK-M, Elastic Cache and KVMerger score with), in one pass;
 - ``colsum``: :func:`kvpolicy.observe.attention_colsum` alone (the statistic without the output);
-- ``stride S``: the statistic from every S-th query (``query_stride``), as the estimate presets do.
+- ``sdpa+lse``: the same kernel returning each query's log-sum-exp (what a ``-fast`` preset's prefill runs);
+- ``estimate S``: :func:`kvpolicy.observe.estimated_colsum` with stride S and that log-sum-exp (the
+  ``-fast`` presets' statistic, S = 16).
 
     python benchmarks/fused_stat.py --contexts 2000 8000 32000 --threads 1 --out bench-results/fused_stat.json
 
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy import observe
+from kvpolicy.integrate import sdpa_with_lse
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -64,10 +67,11 @@ def measure(length: int, repeats: int, strides: list[int], heads: int = 9, kv_he
         "fused": lambda: observe.attention_with_colsum(q, k, v, scaling=scale, query_pos=pos, key_pos=kpos),
         "colsum": lambda: observe.attention_colsum(q, k, scaling=scale, query_pos=pos, key_pos=kpos),
     }
-    for s in strides:
-        sub = slice(s - 1, None, s)  # the last query of each stride, as `query_stride` samples them
-        fns[f"stride{s}"] = (lambda sub=sub: observe.attention_colsum(
-            q[:, :, sub], k, scaling=scale, query_pos=pos[:, sub], key_pos=kpos))
+    fns["sdpa+lse"] = lambda: sdpa_with_lse(q, k, v, None, scale, True)
+    _, lse = sdpa_with_lse(q, k, v, None, scale, True)
+    for s in strides:  # the estimate of the -fast presets, with the log-sum-exp the prefill kernel returned
+        fns[f"estimate{s}"] = (lambda s=s: observe.estimated_colsum(
+            q, k, stride=s, scaling=scale, query_pos=pos, key_pos=kpos, lse=lse))
     return interleaved(fns, repeats)
 
 
@@ -76,7 +80,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[2000, 8000])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--strides", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--strides", type=int, nargs="*", default=[16])
     ap.add_argument("--chunk-kib", type=int, nargs="*", default=None,
                     help="logits per chunk to try (default: the library's STAT_CHUNK_BYTES)")
     ap.add_argument("--out", type=Path, default=None)

@@ -43,16 +43,21 @@ def reference(smollm2, smol_passage):
     return stats, cache
 
 
-def strided_estimate(probs: torch.Tensor, stride: int, tail: int = 32) -> torch.Tensor:
-    """H2O's column sums ``[H, L]`` from the last ``tail`` queries and every ``stride``-th one before them, each
-    key's sum scaled by (queries that see it) / (sampled queries that see it)."""
+def strided_estimate(probs: torch.Tensor, stride: int, tail: int = 32, band: int = 64) -> torch.Tensor:
+    """H2O's column sums ``[H, L]`` as the strided estimate computes them with the prefill kernel's log-sum-exp:
+    every query's attention to the ``band`` entries before it exact; the farther pairs from the last ``tail``
+    queries and every ``stride``-th one before them, each key's far sum scaled by (queries at least ``band``
+    after it) / (sampled ones)."""
     L = probs.shape[1]
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None]
+    near = probs.masked_fill(j <= i - band, 0.0).sum(1)
     t = min(L, tail)
     pick = torch.tensor(list(range(L - t - 1, -1, -stride))[::-1] + list(range(L - t, L)))
+    far = probs[:, pick].masked_fill(j > pick[:, None] - band, 0.0).sum(1)
     keys = torch.arange(L)
-    seen_by = (L - keys).float()
-    sampled = (pick[:, None] >= keys[None]).sum(0).float()
-    return probs[:, pick].sum(1) * seen_by / sampled.clamp_min(1)
+    every = (L - (keys + band)).clamp_min(0).float()
+    sampled = (pick[:, None] >= keys[None] + band).sum(0).float().clamp_min(1)
+    return near + far * every / sampled
 
 
 def _group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
