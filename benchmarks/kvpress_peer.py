@@ -34,7 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path(os.environ.get("KVPOLICY_CACHE", Path.home() / ".cache" / "kvpolicy")) / "smollm2-135m-instruct"
 PRESSES = ("snapkv", "streaming", "knorm", "tova", "expected-attention", "pyramidkv", "kvzip", "adakv-snapkv",
-           "adakv-expected-attention", "criticalkv", "think-snapkv")
+           "adakv-expected-attention", "criticalkv", "think-snapkv", "keydiff", "lagkv", "chunkkv", "leverage",
+           "leverage-kv", "random", "finch", "simlayerkv", "h2o")
+# presses whose hooks read the attention weights: the model runs them with eager attention
+EAGER = ("h2o",)
 
 
 def load_metrics() -> Any:
@@ -66,10 +69,37 @@ def make_press(name: str, budget: float) -> Any:
         "think-snapkv": lambda: kvpress.ComposedPress([kvpress.SnapKVPress(compression_ratio=ratio),
                                                        kvpress.ThinKPress(key_channel_compression_ratio=0.5,
                                                                           window_size=32)]),
+        "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio),
+        "lagkv": lambda: kvpress.LagKVPress(compression_ratio=ratio),
+        # ChunkKV over SnapKV (window 64, kernel 5), 20-token chunks: as our chunkkv preset
+        "chunkkv": lambda: kvpress.ChunkKVPress(kvpress.SnapKVPress(compression_ratio=ratio), chunk_length=20),
+        "leverage": lambda: kvpress.LeverageScorePress(compression_ratio=ratio),
+        "leverage-kv": lambda: kvpress.CURPress(compression_ratio=ratio),
+        "random": lambda: kvpress.RandomPress(compression_ratio=ratio, seed=0),
+        "finch": lambda: _finch(ratio),
+        # SimLayerKV's size follows the data (no ratio); our simlayerkv preset uses the same 0.9 threshold
+        "simlayerkv": lambda: kvpress.SimLayerKVPress(lazy_threshold=0.9),
+        # H2O as kvpress ships it: ObservedAttentionPress (needs the eager attention weights)
+        "h2o": lambda: kvpress.ObservedAttentionPress(compression_ratio=ratio),
     }
     if name not in table:
         raise SystemExit(f"unknown press {name!r}; allowed: {', '.join(table)}")
     return table[name]()
+
+
+def _finch(ratio: float) -> Any:
+    """FinchPress with its question window fixed to the last 32 prompt tokens (our finch preset's window).
+
+    kvpress finds the window from a delimiter token it adds to the tokenizer; our samples carry no delimiter, so
+    the window is set directly (the attribute kvpress's delimiter hook would set) and the delimiter id is one no
+    prompt holds (-1), so the hook never changes it.
+    """
+    import kvpress
+
+    press = kvpress.FinchPress(compression_ratio=ratio)
+    press.window_size = 32
+    press.delimiter_token_id = -1
+    return press
 
 
 def run_one(model: Any, tok: Any, M: Any, press_name: str | None, budget: float, sample: dict[str, Any],
@@ -80,6 +110,7 @@ def run_one(model: Any, tok: Any, M: Any, press_name: str | None, budget: float,
     n_ctx = ids.shape[1]
     cache = DynamicCache()
     press = make_press(press_name, budget) if press_name else None
+    model.set_attn_implementation("eager" if press_name in EAGER else "sdpa")
     with torch.inference_mode():
         t0 = time.perf_counter()
         if press is not None:

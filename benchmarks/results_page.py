@@ -36,6 +36,13 @@ SPEED_NOTE = ("Speed is not in these tables: the quality runs share the machine 
               "isolated process each, on [core performance](core.md) (the raw times stay in each run's "
               "`results.json`).")
 
+#: with ``--cost``: the one speed figure the tables carry, and where it comes from
+COST_NOTE = ("`prefill CPU × plain` is the prefill's CPU time (compression included) over plain transformers' on "
+             "the same context, measured apart: one fresh process per policy at budget 0.2, one thread, nothing "
+             "else running (`benchmarks/bench_core.py`, its table on [core performance](core.md)); `-` where it "
+             "was not measured (kvpress's rows: its prefill runs in another transformers). The quality runs' own "
+             "times are not shown: they shared the machine with other jobs.")
+
 
 def load_rows(dirs: list[str], source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-sample rows of every run; a (policy, budget, context, seed) measured by several runs (e.g. the
@@ -78,11 +85,30 @@ def _seeds(rows: list[dict[str, Any]]) -> dict[int, set[int]]:
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| policy | " + " | ".join(h for _, h, _ in COLS) + " |", "|:---|" + "---:|" * len(COLS)]
+#: the isolated prefill cost column (``--cost``), shown only when such a measurement is given
+COST_COL = ("prefill_cost", "prefill CPU × plain", "{:.2f}")
+
+
+def load_cost(paths: list[str]) -> dict[tuple[str, int], float]:
+    """``(policy, context) -> prefill CPU time over plain transformers'`` from ``benchmarks/bench_core.py`` JSON
+    files (one fresh process per row, nothing else running); a config file's row is named by its stem."""
+    cost: dict[tuple[str, int], float] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["rows"]:
+            if "error" in r or not isinstance(r.get("prefill_cpu_vs_plain"), (int, float)):
+                continue
+            name = str(r["policy"])
+            if name.endswith((".yaml", ".yml", ".json", ".toml")):
+                name = Path(name).stem
+            cost[(name, int(r["context"]))] = float(r["prefill_cpu_vs_plain"])
+    return cost
+
+
+def table(rows: list[dict[str, Any]], cols: tuple[tuple[str, str, str], ...] = COLS) -> str:
+    lines = ["| policy | " + " | ".join(h for _, h, _ in cols) + " |", "|:---|" + "---:|" * len(cols)]
     for r in rows:
         cells = []
-        for k, _, fmt in COLS:
+        for k, _, fmt in cols:
             v = r.get(k)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
             cells.append(fmt.format(v) if ok else "-")
@@ -103,10 +129,18 @@ def main() -> int:
     ap.add_argument("--plot-prefix", default="", help="prefix of the PNG file names (quality_N.png)")
     ap.add_argument("--load-note", default="two benchmark processes ran side by side, one per core: timings are "
                     "indicative only", help="what else ran on the machine (in the page's first paragraph)")
+    ap.add_argument("--cost", nargs="*", default=[], metavar="JSON",
+                    help="benchmarks/bench_core.py JSON runs: adds an isolated 'prefill CPU × plain' column")
     a = ap.parse_args()
     ours, metas = load_rows(a.ours, "kvpolicy")
     peer, pmetas = load_rows(a.kvpress, "kvpress")
     summary = report.aggregate(ours + peer)
+    cost = load_cost(a.cost)
+    for r in summary:
+        c = cost.get((str(r["policy"]), int(r["context"])))
+        if c is not None:
+            r["prefill_cost"] = c
+    cols = COLS[:-1] + (COST_COL,) + COLS[-1:] if cost else COLS
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     m = metas[0].get("machine", {}) if metas else {}
@@ -133,7 +167,8 @@ def main() -> int:
         "How each figure is measured: [benchmarks](../benchmarks.md). `full` is the uncompressed cache; "
         "`kvpress:*` rows are kvpress's presses (budget b = `compression_ratio` 1 − b) on the same model, "
         "samples and metrics code. ↓ lower is better, ↑ higher is better. `KV kept` is the KV bytes held over "
-        "the full cache's (kvpress's masking presses hold them all). " + SPEED_NOTE,
+        "the full cache's (kvpress's masking presses hold them all). "
+        + (COST_NOTE if cost else SPEED_NOTE),
         "",
         "Commands:",
         "",
@@ -160,7 +195,7 @@ def main() -> int:
             rs = [r for r in summary if r["context"] == n and r["budget"] == b and r["policy"] != "full"]
             rs.sort(key=lambda r: (r.get("copy_nll", float("inf")) if not math.isnan(r.get("copy_nll", float("nan")))
                                    else float("inf")))
-            parts += [f"### budget {b:g} (sorted by copy NLL)", "", table(full + rs), ""]
+            parts += [f"### budget {b:g} (sorted by copy NLL)", "", table(full + rs, cols), ""]
         for x, what in (("budget", "budget"), ("kv_ratio", "bytes held")):
             rows_n = [r for r in summary if r["context"] == n]
             if a.plot_prefix:  # drawn elsewhere, so that another page's quality_N.png is never overwritten

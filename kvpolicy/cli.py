@@ -174,8 +174,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from kvpolicy.registry import get_registry
 
     reg = get_registry()
-    header = ("kind", "name", "plugin", "distribution", "description")
-    rows = [(r.kind, r.name, r.plugin, f"{r.distribution} {r.version}".strip(), r.description) for r in reg.rows()]
+    header = ("kind", "name", "plugin", "distribution", "paper", "description")
+    rows = [(r.kind, r.name, r.plugin, f"{r.distribution} {r.version}".strip(), reg.paper_of(r), r.description)
+            for r in reg.rows()]
     notes = [f"FAILED {name}: {msg}" for name, msg in reg.failed.items()]
     notes += [f"DISABLED {name} (distribution {off.distribution})" for name, off in reg.disabled.items()]
     if args.json:  # stdout stays one JSON document; what did not load goes to stderr
@@ -183,6 +184,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for note in notes:
             print(note, file=sys.stderr)
         return 0
+    rows = [(*r[:4], r[4] or "-", r[5]) for r in rows]  # the table marks a step that follows no paper
     w = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header) - 1)]
     for r in [header, *rows]:
         print("  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r[:-1])) + f"  {r[-1]}")

@@ -274,6 +274,9 @@ class Component(BaseModel):
     #: (e.g. "exact_size", "protected", "nested" for selectors; "gather", "convex", "identity_on_equal",
     #: "assign_once" for mergers; "same_total" for layer schedules)
     promises: ClassVar[frozenset[str]] = frozenset()
+    #: the paper the step follows, as ``kvpolicy plugins`` shows it ("Method, Authors venue, arXiv:ID");
+    #: empty for steps that follow none
+    paper: ClassVar[str] = ""
 
     @classmethod
     def description(cls) -> str:

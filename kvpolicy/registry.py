@@ -51,6 +51,8 @@ class Preset:
     name: str
     config: dict[str, Any]
     description: str = ""
+    #: the paper the preset follows; empty: the paper of its defining step (:meth:`Registry.paper_of`)
+    paper: str = ""
 
 
 #: the query stride of the ``-fast`` presets (:func:`estimated`): measured on SmolLM2 to keep the exact
@@ -71,7 +73,13 @@ def estimated(preset: Preset, stride: int = ESTIMATE_STRIDE) -> Preset:
     name = f"{preset.name}-fast"
     desc = f"{preset.description} (statistic from every {stride}th prefill query)"
     config = {**preset.config, "name": name, "description": desc, "scorer": {**scorer, "query_stride": stride}}
-    return Preset(name, config, desc)
+    return Preset(name, config, desc, preset.paper)
+
+
+#: config keys in the order that defines a preset's method (:meth:`Registry.paper_of`), with their kinds
+_DEFINING_STEPS = (("merger", "merger"), ("selector", "selector"), ("layers", "schedule"), ("scorer", "scorer"),
+                   ("prior", "prior"), ("decode", "decode"))
+_TRIVIAL_STEPS = frozenset({"none", "topk", "all", "uniform"})
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Registered:
     distribution: str
     version: str
     description: str
+    paper: str = ""
 
     @property
     def key(self) -> str | tuple[str, str]:
@@ -171,6 +180,29 @@ class Registry:
         if self.failed:
             msg += f" (plugins that failed to load: {', '.join(sorted(self.failed))}; see `kvpolicy plugins`)"
         return msg
+
+    def paper_of(self, item: Registered) -> str:
+        """The paper ``item`` follows: its own, or for a preset without one the paper of its defining step.
+
+        A preset's defining step is the first non-trivial one of merger, selector, layer schedule, scorer, prior,
+        decode rule (a merge method is named by its merge, a budget method by its schedule, an eviction by its
+        scorer); trivial steps (``none``, ``topk``, ``all``, ``uniform``) define nothing, and a preset whose
+        selector keeps everything (``all``) follows no paper.
+        """
+        if item.paper or item.kind != "preset":
+            return item.paper
+        config = item.obj.config
+        keep_all = config.get("selector")
+        if (keep_all.get("name") if isinstance(keep_all, dict) else keep_all) == "all":
+            return ""  # keeps everything: no compression method
+        for key, kind in _DEFINING_STEPS:
+            spec = config.get(key)
+            step = spec.get("name") if isinstance(spec, dict) else spec
+            if not step or step in _TRIVIAL_STEPS:
+                continue
+            hit = self.components.get((kind, str(step)))
+            return hit.paper if hit is not None else ""
+        return ""
 
     def rows(self) -> list[Registered]:
         return sorted(list(self.components.values()) + list(self.presets.values()),
@@ -290,14 +322,16 @@ def _contribution(loader: _Loader, pm: pluggy.PluginManager, name: str, dist: st
                                         f"kvpolicy.Scorer, Prior, Selector, Merger, DecodeRule or LayerSchedule "
                                         f"with a class attribute `name`")
                 continue
-            items.append(Registered(cls.kind, cls.name, cls, name, dist, version, cls.description()))
+            items.append(Registered(cls.kind, cls.name, cls, name, dist, version, cls.description(),
+                                    str(getattr(cls, "paper", "") or "")))
     for impl in _impls(pm, "kvpolicy_presets", name):
         for preset in _run_hook(loader, impl, dist):
             if not (isinstance(preset, Preset) and isinstance(preset.config, dict)):
                 loader.fail(name, dist, f"returned {preset!r} from kvpolicy_presets(); allowed: "
                                         f"kvpolicy.Preset(name, config_mapping, description)")
                 continue
-            items.append(Registered("preset", preset.name, preset, name, dist, version, preset.description))
+            items.append(Registered("preset", preset.name, preset, name, dist, version, preset.description,
+                                    preset.paper))
     return items
 
 

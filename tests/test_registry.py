@@ -325,11 +325,11 @@ def test_unknown_name_suggests_close_matches():
         reg.component("scorers", "knorm")
 
 
-def test_cli_plugins_lists_kind_name_plugin_distribution_version_description(capsys):
+def test_cli_plugins_lists_kind_name_plugin_distribution_version_paper_description(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     header, *rows = out.splitlines()
-    assert header.split() == ["kind", "name", "plugin", "distribution", "description"]
+    assert header.split() == ["kind", "name", "plugin", "distribution", "paper", "description"]
     knorm = next(r for r in rows if r.split()[:2] == ["scorer", "knorm"])
     assert knorm.split()[2:5] == ["baselines", "kvpolicy", "0.1.0"]  # plugin: what KVPOLICY_DISABLE_PLUGINS takes
     assert "KnormPress: keep the keys of smallest L2 norm." in knorm
@@ -339,8 +339,29 @@ def test_cli_plugins_lists_kind_name_plugin_distribution_version_description(cap
     import json
 
     data = json.loads(capsys.readouterr().out)
-    assert {"kind": "merger", "name": "none", "plugin": "baselines", "distribution": "kvpolicy 0.1.0",
+    assert {"kind": "merger", "name": "none", "plugin": "baselines", "distribution": "kvpolicy 0.1.0", "paper": "",
             "description": "Evict: keep the selected entries unchanged, drop the others."} in data
+    by_name = {(r["kind"], r["name"]): r["paper"] for r in data}
+    assert by_name[("scorer", "snapkv")].endswith("arXiv:2404.14469")
+    assert by_name[("preset", "h2o-cam")].startswith("CaM")  # a preset takes its defining step's paper
+
+
+def test_every_builtin_method_preset_names_its_paper():
+    """Each preset's paper: its own, else its defining step's (merger > selector > schedule > scorer)."""
+    reg = registry.get_registry()
+    papers = {name: reg.paper_of(item) for name, item in reg.presets.items()}
+    # nothing to cite: the uncompressed reference and random eviction
+    assert {n for n, p in papers.items() if not p} == {"full", "random"}
+    assert papers["lookm-pivot"].startswith("LOOK-M") and papers["lookm-pivot-fast"] == papers["lookm-pivot"]
+    assert papers["pyramidkv"].startswith("PyramidKV")  # the schedule defines it, not its SnapKV scorer
+    assert papers["adakv-snapkv"].startswith("Ada-KV") and papers["kvzip"].startswith("KVzip")  # own paper wins
+    assert papers["elastic-cache"].startswith("Elastic Cache") and papers["kvmerger"].startswith("KVMerger")
+    assert papers["h2o-mass"].startswith("kvpolicy's own")
+    # a third-party preset: its own paper, or none, in which case its steps decide
+    own = registry.Preset("x", {"scorer": "snapkv", "budget": {"ratio": 0.2}}, "d", "Someone 2026")
+    assert reg.paper_of(registry.Registered("preset", "x", own, "p", "d", "1", "d", own.paper)) == "Someone 2026"
+    bare = registry.Preset("y", {"scorer": {"name": "tova"}, "budget": {"ratio": 0.2}})
+    assert reg.paper_of(registry.Registered("preset", "y", bare, "p", "d", "1", "")).startswith("TOVA")
 
 
 def test_cli_plugins_prints_failed_and_disabled_plugins_on_stdout(capsys, monkeypatch):

@@ -32,14 +32,18 @@ def kvpolicy_components() -> list[type]:
     return [Adaptive]
 
 
+#: KVzip's pooled presets are the KVzip method (the adaptive selector is how it pools), not Ada-KV
+KVZIP_PAPER = "KVzip, Kim et al. 2025, arXiv:2505.23416"
+
+
 def _preset(name: str, desc: str, budget: dict, scorer: dict, selector: dict, merger: dict | None = None,
-            prior: dict | None = None) -> Preset:
+            prior: dict | None = None, paper: str = "") -> Preset:
     cfg: dict[str, Any] = {"name": name, "description": desc, "budget": budget, "scorer": scorer,
                            "selector": selector, "merger": merger or {"name": "none"}, "decode": {"name": "none"},
                            "layers": {"name": "uniform"}}
     if prior is not None:
         cfg["prior"] = prior
-    return Preset(name, cfg, desc)
+    return Preset(name, cfg, desc, paper)
 
 
 @hookimpl
@@ -60,10 +64,10 @@ def kvpolicy_presets() -> list[Preset]:
         _preset("kvzip", "KVzip: context-reconstruction score, one top-k over every layer and head, each "
                 "head keeping at least half its share; 4 sinks, 10 % recent; heads stored apart",
                 {"ratio": 0.2, "sink": 4, "recent": 0.1}, KVZIP_SCORER,
-                {"name": "adaptive", "scope": "layers", "floor": 0.5, "stage_cap": "all"}),
+                {"name": "adaptive", "scope": "layers", "floor": 0.5, "stage_cap": "all"}, paper=KVZIP_PAPER),
         _preset("kvzip-f0.2", "KVzip pooled as kvpress does (4 sinks, no recent window), floor 0.2 per head",
                 {"ratio": 0.2, "sink": 4, "recent": 0}, KVZIP_SCORER,
-                {"name": "adaptive", "scope": "layers", "floor": 0.2, "stage_cap": "all"}),
+                {"name": "adaptive", "scope": "layers", "floor": 0.2, "stage_cap": "all"}, paper=KVZIP_PAPER),
         _preset("lookm-pivot-adakv", "LOOK-M (text prior, pivotal merge) with AdaKV allocation over the heads",
                 {"ratio": 0.2, "sink": 0, "recent": 0.5}, {"name": "accumulated-attention"}, HEADS,
                 merger={"name": "pivotal"}, prior={"name": "text-prior"}),

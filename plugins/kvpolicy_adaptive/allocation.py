@@ -58,6 +58,7 @@ class Adaptive(Selector):
     every layer (KVzip), each head keeping at least ``floor`` of its uniform share."""
 
     name: ClassVar[str] = "adaptive"
+    paper: ClassVar[str] = "Ada-KV, Feng et al. 2024, arXiv:2407.11550"
     promises: ClassVar[frozenset[str]] = frozenset({"protected", "layer_total", "floor"})
     needs_comparable: ClassVar[bool] = True
     scope: Literal["heads", "layers"] = Field(

@@ -30,6 +30,7 @@ class AccumulatedAttention(Scorer):
     """
 
     name: ClassVar[str] = "accumulated-attention"
+    paper: ClassVar[str] = "H2O, Zhang et al., NeurIPS 2023, arXiv:2306.14048"
     comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
     query_stride: int = Field(default=1, ge=1, le=4096,
@@ -54,6 +55,7 @@ class SnapKV(Scorer):
     """
 
     name: ClassVar[str] = "snapkv"
+    paper: ClassVar[str] = "SnapKV, Li et al., NeurIPS 2024, arXiv:2404.14469"
     comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     window: int = Field(default=32, ge=1, description="observation window: the last queries that vote")
@@ -81,6 +83,7 @@ class TOVA(Scorer):
     """TOVA: attention of the last query, averaged over heads; one decision per layer."""
 
     name: ClassVar[str] = "tova"
+    paper: ClassVar[str] = "TOVA, Oren et al. 2024, arXiv:2401.06104"
     comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
 
@@ -92,6 +95,7 @@ class KeyNorm(Scorer):
     """KnormPress: keep the keys of smallest L2 norm."""
 
     name: ClassVar[str] = "knorm"
+    paper: ClassVar[str] = "Knorm, Devoto et al., EMNLP 2024, arXiv:2406.11430"
     observations: ClassVar[frozenset[str]] = frozenset({"key_norms"})
 
     def score(self, ctx: CompressionContext) -> Tensor:
@@ -102,6 +106,7 @@ class Recency(Scorer):
     """StreamingLLM: the more recent the better (sinks come from the budget)."""
 
     name: ClassVar[str] = "streaming"
+    paper: ClassVar[str] = "StreamingLLM, Xiao et al., ICLR 2024, arXiv:2309.17453"
 
     def score(self, ctx: CompressionContext) -> Tensor:
         return ctx.positions[:, :1].float()

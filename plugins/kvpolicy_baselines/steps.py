@@ -65,6 +65,7 @@ class Rolling(DecodeRule):
     """
 
     name: ClassVar[str] = "rolling"
+    paper: ClassVar[str] = "H2O, Zhang et al., NeurIPS 2023, arXiv:2306.14048"
     compacts: ClassVar[bool] = True
     every: int = Field(default=16, ge=1, description="compact once the cache exceeds the budget by this many")
     query_window: int = Field(default=32, ge=1, description="recent queries kept for window observations")
@@ -92,6 +93,7 @@ class Pyramid(LayerSchedule):
     """
 
     name: ClassVar[str] = "pyramid"
+    paper: ClassVar[str] = "PyramidKV, Cai et al. 2024, arXiv:2406.02069"
     promises: ClassVar[frozenset[str]] = frozenset({"same_total"})
     beta: float = Field(default=20.0, gt=1.0, description="ratio between the largest and smallest share")
     window: int = Field(default=32, ge=0, description="observation window kept by every layer")

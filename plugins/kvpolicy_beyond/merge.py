@@ -106,6 +106,7 @@ class MassMerge(Merger):
     """Mass-preserving merge: evicted entries fold into their nearest kept key, which gets +log n."""
 
     name: ClassVar[str] = "mass"
+    paper: ClassVar[str] = "kvpolicy's own (docs/methods/beyond.md)"
     keys: Literal["keep", "mean"] = Field(
         default="keep", description="keep survivors' keys (value-only merge) or fold keys like values")
     weights: Weights = Field(default="attention", description="folding weight of each entry: count "
@@ -162,6 +163,7 @@ class MassPivotal(Merger):
     """LOOK-M P-Merge with mass preservation: pivotal fold, multiplicities tracked, +log n logit bias."""
 
     name: ClassVar[str] = "mass-pivotal"
+    paper: ClassVar[str] = "kvpolicy's own (docs/methods/beyond.md)"
     keys: Literal["merge", "keep"] = Field(default="merge", description="fold keys as P-Merge does, or keep "
                                            "survivors' keys (value-only)")
     filter: Literal["none", "head", "slot"] = Field(default="none", description="LOOK-M similarity filter")

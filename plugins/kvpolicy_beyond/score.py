@@ -30,6 +30,7 @@ class Reconstruction(Scorer):
     """KVzip-style: max attention each entry receives while the model re-reads its context."""
 
     name: ClassVar[str] = "reconstruction"
+    paper: ClassVar[str] = "KVzip, Kim et al. 2025, arXiv:2505.23416"
     comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"reconstruction_attention"})
     prompt: str = Field(default=DEFAULT_PROMPT, description="text fed before the context is re-read")
@@ -48,6 +49,7 @@ class MaxAttention(Scorer):
     """Max attention each entry received from the prefill's queries (no extra pass)."""
 
     name: ClassVar[str] = "max-attention"
+    paper: ClassVar[str] = "kvpolicy's own (docs/methods/beyond.md)"
     comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"max_attention"})
 

@@ -196,6 +196,7 @@ class ElasticImportance(Scorer):
     """
 
     name: ClassVar[str] = "elastic-importance"
+    paper: ClassVar[str] = "Elastic Cache, Liu et al., ECCV 2024, arXiv:2407.18121"
     observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
     query_stride: int = Field(default=1, ge=1, le=4096,
                               description="estimate from every s-th prefill query (1 = exact)")
@@ -208,6 +209,7 @@ class ElasticAnchors(Selector):
     """Elastic Cache anchors: sinks + top-importance candidates + last entry, ``T - F`` entries per row."""
 
     name: ClassVar[str] = "elastic-anchors"
+    paper: ClassVar[str] = "Elastic Cache, Liu et al., ECCV 2024, arXiv:2407.18121"
     compat: bool = Field(default=False, description="reproduce the reference code's rank/index mix-up and "
                                                     "its off-by-one (T - F - 1 entries)")
 
@@ -235,6 +237,7 @@ class ElasticBucket(Merger):
     """Elastic Cache merge: each evicted candidate is averaged into its positionally nearest anchor."""
 
     name: ClassVar[str] = "elastic-bucket"
+    paper: ClassVar[str] = "Elastic Cache, Liu et al., ECCV 2024, arXiv:2407.18121"
     promises: ClassVar[frozenset[str]] = frozenset({"convex", "identity_on_equal"})
     keys: Literal["merge", "keep"] = Field(default="merge", description="average keys like values (paper), "
                                            "or keep the anchors' keys (value-only merge)")
@@ -296,6 +299,7 @@ class FixedPoint(DecodeRule):
     """Elastic Cache fixed-point elimination: keep ``len ~ gamma * n_seen`` by deleting index ``p*``."""
 
     name: ClassVar[str] = "fixed-point"
+    paper: ClassVar[str] = "Elastic Cache, Liu et al., ECCV 2024, arXiv:2407.18121"
     distance: int = Field(default=-25, description="p* = (T - F) + distance if negative, else p* = distance")
 
     def on_prefill(self, view: DecodeView) -> None:

@@ -249,6 +249,7 @@ class KVMergerSets(Selector):
     """KVMerger: protect recent + heavy hitters, merge runs of adjacent similar keys (pivot = most attended)."""
 
     name: ClassVar[str] = "kvmerger"
+    paper: ClassVar[str] = "KVMerger, Wang et al. 2024, arXiv:2407.08454"
     similarity: float = Field(default=0.75, ge=-1.0, le=1.0, description="epsilon: adjacent key cosine above "
                                                                         "which two entries share a set (fixed and "
                                                                         "capped modes)")
@@ -311,6 +312,7 @@ class KVMergerGaussian(Merger):
     """
 
     name: ClassVar[str] = "kvmerger"
+    paper: ClassVar[str] = "KVMerger, Wang et al. 2024, arXiv:2407.08454"
     sigma: float = Field(default=5.0, gt=0.0, description="kernel bandwidth (sigma_mode constant)")
     sigma_mode: Literal["constant", "distance"] = Field(default="constant", description="constant sigma, or per "
                                                         "set: mean key distance to the pivot / sqrt(2)")

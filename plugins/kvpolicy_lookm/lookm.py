@@ -79,6 +79,7 @@ class TextPrior(Prior):
     """LOOK-M text prior: text entries (priority 1) rank before visual ones (priority 0)."""
 
     name: ClassVar[str] = "text-prior"
+    paper: ClassVar[str] = "LOOK-M, Wan et al., EMNLP 2024 Findings, arXiv:2406.18139"
 
     def priority(self, ctx: CompressionContext) -> Tensor:
         return (~ctx.is_image[:, :1]).long()  # [B, 1, S]; modality is shared by the heads
@@ -95,6 +96,7 @@ class LookMTopK(Selector):
     """
 
     name: ClassVar[str] = "lookm-topk"
+    paper: ClassVar[str] = "LOOK-M, Wan et al., EMNLP 2024 Findings, arXiv:2406.18139"
     promises: ClassVar[frozenset[str]] = frozenset({"protected", "nested"})
     cap_priority: bool = Field(default=False, description="cap prioritised entries at the budget (D2 variant) "
                                                          "instead of keeping all of them")
@@ -255,6 +257,7 @@ class Averaged(_LookMMerger):
     """LOOK-M A-Merge: kept entry = mean of itself and the evicted entries assigned to it."""
 
     name: ClassVar[str] = "averaged"
+    paper: ClassVar[str] = "LOOK-M, Wan et al., EMNLP 2024 Findings, arXiv:2406.18139"
     rule: ClassVar[MergeRule] = "averaged"
 
 
@@ -262,6 +265,7 @@ class Pivotal(_LookMMerger):
     """LOOK-M P-Merge: kept entry = mean of itself and the pivots (evicted + kept) / 2."""
 
     name: ClassVar[str] = "pivotal"
+    paper: ClassVar[str] = "LOOK-M, Wan et al., EMNLP 2024 Findings, arXiv:2406.18139"
     rule: ClassVar[MergeRule] = "pivotal"
 
 
@@ -269,4 +273,5 @@ class Weighted(_LookMMerger):
     """LOOK-M W-Merge: evicted entries weighted by their cosine, divided by 1 + n (not normalised)."""
 
     name: ClassVar[str] = "weighted"
+    paper: ClassVar[str] = "LOOK-M, Wan et al., EMNLP 2024 Findings, arXiv:2406.18139"
     rule: ClassVar[MergeRule] = "weighted"

@@ -110,6 +110,7 @@ class CriticalKV(Scorer):
     """CriticalKV: base score, top first_stage_ratio of the budget kept first, the rest by score * ||W_o v||_1."""
 
     name: ClassVar[str] = "criticalkv"
+    paper: ClassVar[str] = "CriticalKV, Feng et al. 2025, arXiv:2502.03805"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     base: dict[str, Any] = Field(default_factory=lambda: {"name": "snapkv"},
                                  description="the base scorer: {name: ..., parameters...} (default SnapKV)")

@@ -54,6 +54,7 @@ class ExpectedAttention(Scorer):
     """Expected attention of future queries (Gaussian fit of the prompt's queries, averaged RoPE), times ||v||."""
 
     name: ClassVar[str] = "expected-attention"
+    paper: ClassVar[str] = "Expected Attention, Devoto et al. 2025, arXiv:2510.00636"
     comparable: ClassVar[bool] = True  # attention masses: one scale across heads and layers
     observations: ClassVar[frozenset[str]] = frozenset({"queries"})
     n_future_positions: int = Field(default=512, ge=1, description="future positions the rotation is averaged over")

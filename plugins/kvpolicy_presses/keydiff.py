@@ -37,6 +37,7 @@ class KeyDiff(Scorer):
     """KeyDiff: negative cosine similarity of each key to the mean normalised key of its head."""
 
     name: ClassVar[str] = "keydiff"
+    paper: ClassVar[str] = "KeyDiff, Park et al. 2025, arXiv:2504.15364"
 
     def score(self, ctx: CompressionContext) -> Tensor:
         def one(r: int, j: int, idx: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ class LagKV(Scorer):
     """LagKV: per-chunk std of keys and values min-max normalised by the next chunk; sinks and last chunk kept."""
 
     name: ClassVar[str] = "lagkv"
+    paper: ClassVar[str] = "LagKV, Liang et al. 2025, arXiv:2504.04704"
     n_sink: int = Field(default=4, ge=0, description="first tokens always kept (score 1)")
     lag_size: int = Field(default=128, ge=2, description="chunk size L; chunk c is normalised by chunk c + 1")
     cross_scoring: bool = Field(default=False, description="compare softmax scores across chunks instead of ranks")

@@ -60,6 +60,7 @@ class Leverage(Scorer):
     """Statistical leverage of each key (and/or value) row, from a thin SVD (CUR / Compactor-style selection)."""
 
     name: ClassVar[str] = "leverage"
+    paper: ClassVar[str] = "leverage scores: arXiv:2507.08143; CurDKV: arXiv:2509.15038"
     source: Literal["key", "value", "kv_avg", "kv_product"] = Field(
         default="key", description="key, value, kv_avg ((h_k + h_v) / 2) or kv_product (h_k * h_v)")
     center: bool = Field(default=True, description="subtract the mean row before the SVD")

@@ -102,6 +102,7 @@ class QFilter(Scorer):
     """Q-Filters: projection of each key on its head's principal query direction (calibrated per model)."""
 
     name: ClassVar[str] = "qfilter"
+    paper: ClassVar[str] = "Q-Filters, Godey et al. 2025, arXiv:2503.02812"
     filters: str | None = Field(default=None, description="packaged name (smollm2) or file of calibrated filters; "
                                                           "None: the direction of this event's own queries")
     fallback: Literal["error", "prompt"] = Field(default="error",
@@ -138,6 +139,7 @@ class _QueryProbe(Scorer):
     """Calibration only (not registered): accumulates the groups' query statistics, scores by recency."""
 
     name: ClassVar[str] = "qfilter-probe"
+    paper: ClassVar[str] = "Q-Filters, Godey et al. 2025, arXiv:2503.02812"
     _acc: dict[int, list[Any]] = PrivateAttr(default_factory=dict)  # layer -> [Q^T Q [Hkv, D, D], sum q [Hkv, D]]
 
     def score(self, ctx: CompressionContext) -> Tensor:

@@ -48,6 +48,7 @@ class ThinK(Merger):
     """Keep the selected entries; store their keys in the best ``1 - pruned`` share of the channels."""
 
     name: ClassVar[str] = "think"
+    paper: ClassVar[str] = "ThinK, Xu et al., ICLR 2025, arXiv:2407.21018"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})  # keeps the window's queries
     promises: ClassVar[frozenset[str]] = frozenset({"gather"})
     thins_keys: ClassVar[bool] = True

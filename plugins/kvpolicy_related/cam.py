@@ -74,6 +74,7 @@ class CaM(Merger):
     """CaM: merge each evicted value into the next ``m`` kept ones, with probability its attention share."""
 
     name: ClassVar[str] = "cam"
+    paper: ClassVar[str] = "CaM, Zhang et al., ICML 2024, openreview.net/forum?id=LCTmppB165"
     observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention"})
     # no promise: v_j + v_i / m is neither convex nor the identity on equal values (it adds mass)
     merge_window: int = Field(default=4, ge=1, description="m: kept tokens after an evicted one that share its value")

@@ -84,6 +84,7 @@ class CascadeEMA(Scorer):
     """Exponential moving average of the attention each entry receives (layer-shared, mean over query heads)."""
 
     name: ClassVar[str] = "cascade-ema"
+    paper: ClassVar[str] = "Cascading KV cache, Willette et al., ICLR 2025, arXiv:2406.17808"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     beta: float = Field(default=0.999, gt=0.0, lt=1.0, description="EMA decay per query")
 
@@ -186,6 +187,7 @@ class Cascading(Selector):
     """Cascading KV cache: sinks + cascades of sub-caches; cascade i accepts every k^i-th token, EMA competition."""
 
     name: ClassVar[str] = "cascading"
+    paper: ClassVar[str] = "Cascading KV cache, Willette et al., ICLR 2025, arXiv:2406.17808"
     cascades: int = Field(default=4, ge=1, le=16, description="number of sub-caches C")
     accept_every: int = Field(default=2, ge=1, le=16, description="k: cascade i is open every k^i steps")
 
@@ -241,6 +243,7 @@ class CascadingDecode(DecodeRule):
     """Cascading KV cache while decoding: once the cascade runs, one compaction per generated token."""
 
     name: ClassVar[str] = "cascading"
+    paper: ClassVar[str] = "Cascading KV cache, Willette et al., ICLR 2025, arXiv:2406.17808"
     compacts: ClassVar[bool] = True
     query_window: int = Field(default=1, ge=1, description="recent queries kept (the EMA needs the last one)")
 

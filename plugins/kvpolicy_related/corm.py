@@ -70,6 +70,7 @@ class CORM(Scorer):
     """CORM: max over the last ``window`` queries of the attention relative to the uniform share (A * t)."""
 
     name: ClassVar[str] = "corm"
+    paper: ClassVar[str] = "CORM, Dai et al. 2024, arXiv:2404.15949"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     window: int = Field(default=32, ge=1, description="recent queries that vote (their entries are kept first)")
 
@@ -89,6 +90,7 @@ class CORMThreshold(Selector):
     """
 
     name: ClassVar[str] = "corm-threshold"
+    paper: ClassVar[str] = "CORM, Dai et al. 2024, arXiv:2404.15949"
     promises: ClassVar[frozenset[str]] = frozenset({"protected"})
     lam: float = Field(default=1.0, ge=0.0, description="threshold on attention relative to the uniform share")
 

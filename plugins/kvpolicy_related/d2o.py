@@ -117,6 +117,7 @@ class _DensityProbe(Scorer):
     """Calibration only (not registered): records the layer density, scores by recency."""
 
     name: ClassVar[str] = "d2o-density-probe"
+    paper: ClassVar[str] = "D2O, Wan et al., ICLR 2025, arXiv:2406.13035"
 
     def score(self, ctx: CompressionContext) -> Tensor:
         ctx.figures["density"] = float(layer_density(ctx)[0])
@@ -173,6 +174,7 @@ class DensitySchedule(LayerSchedule):
     """D2O layer budgets: each layer's share of the average budget follows its attention density."""
 
     name: ClassVar[str] = "d2o-density"
+    paper: ClassVar[str] = "D2O, Wan et al., ICLR 2025, arXiv:2406.13035"
     promises: ClassVar[frozenset[str]] = frozenset({"same_total"})
     shares: list[float] | None = Field(default=None, description="per-layer densities D_l from calibrate_density "
                                                                   "(interpolated over depth; None = uniform)")
@@ -209,6 +211,7 @@ class D2OMerge(Merger):
     """D2O compensation: evicted entries above an EMA cosine threshold merge into their most similar kept one."""
 
     name: ClassVar[str] = "d2o"
+    paper: ClassVar[str] = "D2O, Wan et al., ICLR 2025, arXiv:2406.13035"
     promises: ClassVar[frozenset[str]] = frozenset({"convex", "identity_on_equal"})
     beta: float = Field(default=0.9, ge=0.0, le=1.0, description="EMA weight of the previous threshold")
 

@@ -89,6 +89,7 @@ class PostVision(Scorer):
     """VL-Cache: attention accumulated from the post-vision queries (the language tokens after the last image)."""
 
     name: ClassVar[str] = "post-vision"
+    paper: ClassVar[str] = "VL-Cache, Tu et al., ICLR 2025, arXiv:2410.23317"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
 
     def score(self, ctx: CompressionContext) -> Tensor:
@@ -103,6 +104,7 @@ class VLCacheSparsity(Selector):
     """VL-Cache's sparsity-aware budget: keep min(budget, ceil(density * n)) entries (post-vision density)."""
 
     name: ClassVar[str] = "vlcache-sparsity"
+    paper: ClassVar[str] = "VL-Cache, Tu et al., ICLR 2025, arXiv:2410.23317"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     promises: ClassVar[frozenset[str]] = frozenset({"protected"})
     threshold: float = Field(default=0.01, gt=0.0, le=1.0,

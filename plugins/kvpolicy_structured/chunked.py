@@ -47,6 +47,7 @@ class ChunkedTopK(Selector):
     """Per-chunk top-k: each chunk of ``chunk`` tokens keeps its proportional share of the budget."""
 
     name: ClassVar[str] = "chunked-topk"
+    paper: ClassVar[str] = "FINCH (chunked), TACL 2024, doi:10.1162/tacl_a_00716"
     promises: ClassVar[frozenset[str]] = frozenset({"exact_size", "protected"})
     chunk: int = Field(default=2048, ge=1, description="tokens per chunk (kvpress's chunk_length)")
 

@@ -85,6 +85,7 @@ class ChunkKV(Selector):
     """ChunkKV: keep whole chunks of ``chunk`` contiguous tokens by their mean score (one choice per layer)."""
 
     name: ClassVar[str] = "chunkkv"
+    paper: ClassVar[str] = "ChunkKV, Liu et al. 2025, arXiv:2502.00299"
     promises: ClassVar[frozenset[str]] = frozenset({"exact_size", "protected", "nested"})
     chunk: int = Field(default=20, ge=1, description="tokens per chunk (kvpress's chunk_length)")
 

@@ -69,6 +69,7 @@ class Finch(Scorer):
     query sees; the question is kept."""
 
     name: ClassVar[str] = "finch"
+    paper: ClassVar[str] = "FINCH, Corallo and Papotti, TACL 2024, doi:10.1162/tacl_a_00716"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     window: int = Field(default=32, ge=1, description="question tokens: the last tokens of the prompt")
     normalize: bool = Field(default=True, description="scale each query's attention by the entries it sees")

@@ -78,6 +78,7 @@ class SimLayerKV(Selector):
     """SimLayerKV: a layer whose last query looks at its sinks + recent window keeps only those, others all."""
 
     name: ClassVar[str] = "simlayerkv"
+    paper: ClassVar[str] = "SimLayerKV, Zhang et al. 2024, arXiv:2410.13846"
     observations: ClassVar[frozenset[str]] = frozenset({"window_attention"})
     threshold: float = Field(default=0.9, ge=0.0, le=1.0, description="lazy if the last queries' attention on "
                              "the sinks + recent window exceeds this (1.0: never lazy)")
