@@ -50,11 +50,14 @@ def example_plugin(tmp_path_factory):
 
 def test_installed_plugin_is_listed_by_kvpolicy_plugins(example_plugin, capsys):
     assert main(["plugins"]) == 0
-    rows = [r.split(None, 5) for r in capsys.readouterr().out.splitlines()[1:]]
+    lines = capsys.readouterr().out.splitlines()
+    rows = [r.split(None, 5) for r in lines[1:]]
     by_name = {(r[0], r[1]): r for r in rows}
     scorer = by_name[("scorer", "value-norm")]
     assert scorer[2:5] == ["example", "kvpolicy-example-plugin", "0.1.0"]  # plugin = the entry-point name
-    assert scorer[5].startswith("VATP: attention received times the value's p-norm")
+    line = next(x for x in lines if x.split()[:2] == ["scorer", "value-norm"])
+    assert line[lines[0].index("paper"):].startswith("VATP, Guo et al., EMNLP 2024, arXiv:2406.12335")
+    assert line[lines[0].index("description"):].startswith("VATP: attention received times the value's p-norm")
     assert by_name[("preset", "vatp")][2:5] == ["example", "kvpolicy-example-plugin", "0.1.0"]
     hit = registry.get_registry().components[("scorer", "value-norm")]
     assert hit.plugin == "example"

@@ -25,6 +25,7 @@ class ValueNorm(Scorer):
     """VATP: attention received times the value's p-norm (an entry with a small value matters little)."""
 
     name: ClassVar[str] = "value-norm"
+    paper: ClassVar[str] = "VATP, Guo et al., EMNLP 2024, arXiv:2406.12335"
     observations: ClassVar[frozenset[str]] = frozenset({"accumulated_attention", "window_attention"})
 
     window: int = Field(default=0, ge=0, description="attention of the last `window` queries; 0 = all queries")
