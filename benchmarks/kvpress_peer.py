@@ -158,6 +158,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench-results/kvpress")
     ap.add_argument("--kvpolicy-results", nargs="*", default=[], help="summary.csv files of kvpolicy bench runs")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out/results.json and measure only the missing ones")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -172,6 +174,9 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    if a.resume and (out / "results.json").is_file():
+        rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if "error" not in r]
+    done = {(r["policy"], float(r["budget"]), r.get("seed")) for r in rows}
     meta = {"kvpress": _version("kvpress"), "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "platform": platform.platform(), "cores": os.cpu_count(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": a.model,
@@ -180,11 +185,14 @@ def main() -> int:
     for sample in samples:
         t0 = time.time()
         ref_row, ref_raw = run_one(model, tok, M, None, 1.0, sample, metrics, None)
-        rows.append(ref_row)
+        if ("kvpress:none", 1.0, sample["seed"]) not in done:
+            rows.append(ref_row)
         print(f"[{time.time() - t0:6.0f}s] reference {sample['n_ctx']} tok: "
               f"copy {ref_row.get('copy_nll', float('nan')):.3f}", flush=True)
         for name in a.presses:
             for b in a.budgets:
+                if (f"kvpress:{name}", float(b), sample["seed"]) in done:
+                    continue
                 t1 = time.time()
                 try:
                     row, _ = run_one(model, tok, M, name, b, sample, metrics, ref_raw)
