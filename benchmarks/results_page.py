@@ -116,6 +116,62 @@ def table(rows: list[dict[str, Any]], cols: tuple[tuple[str, str, str], ...] = C
     return "\n".join(lines)
 
 
+def plot_ranked(summary: list[dict[str, Any]], n: int, budget: float, out: Path) -> Path | None:
+    """Every policy at ``budget`` on one chart: a row each, sorted by copy NLL, its copy and continuation NLL
+    side by side and the KV bytes it holds in its label (ours blue circles, kvpress's red squares; dashed: the
+    full cache). A policy far off the scale is drawn at the edge with its value written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def num(r: dict[str, Any], k: str) -> float | None:
+        v = r.get(k)
+        return float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else None
+
+    rows = [r for r in summary if r["context"] == n and r["budget"] == budget and r["policy"] != "full"
+            and num(r, "copy_nll") is not None]
+    full = next((r for r in summary if r["context"] == n and r["policy"] == "full"), None)
+    if len(rows) < 2:
+        return None
+    rows.sort(key=lambda r: -num(r, "copy_nll"))  # best at the top
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.22 * len(rows) + 1.5), sharey=True)
+    ys = list(range(len(rows)))
+    for ax, (key, title) in zip(axes, (("copy_nll", "long-range copy NLL ↓"),
+                                       ("continuation_nll", "continuation NLL ↓"))):
+        vals = [num(r, key) for r in rows]
+        known = sorted(v for v in vals if v is not None)
+        ref = num(full, key) if full else None
+        lo = min(known + ([ref] if ref is not None else []))
+        q90 = known[int(0.9 * (len(known) - 1))]
+        top = q90 + 0.35 * (q90 - lo) + 1e-6
+        for y, r, v in zip(ys, rows, vals):
+            if v is None:
+                continue
+            peer = str(r["policy"]).startswith("kvpress:")
+            color = "tab:red" if peer else "tab:blue"
+            ax.plot([min(v, top)], [y], marker="s" if peer else "o", color=color, markersize=4.5)
+            if v > top:
+                ax.annotate(f"{v:.2f} →", (top, y), xytext=(-4, 0), textcoords="offset points", ha="right",
+                            va="center", fontsize=6.5, color=color)
+        if ref is not None:
+            ax.axvline(ref, color="black", linestyle="--", linewidth=1)
+        ax.set_xlim(lo - 0.03 * (top - lo), top + 0.02 * (top - lo))
+        ax.set_title(f"{title}, budget {budget:g}, {n}-token contexts", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels([f"{r['policy']}  ({num(r, 'kv_ratio') or float('nan'):.2f} of the bytes)" for r in rows],
+                            fontsize=7)
+    for tick, r in zip(axes[0].get_yticklabels(), rows):
+        tick.set_color("tab:red" if str(r["policy"]).startswith("kvpress:") else "tab:blue")
+    axes[0].set_ylim(-0.7, len(rows) - 0.3)
+    fig.tight_layout()
+    path = out / f"overview_ranked_{n}_{budget:g}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ours", nargs="+", default=[])
@@ -131,9 +187,16 @@ def main() -> int:
                     "indicative only", help="what else ran on the machine (in the page's first paragraph)")
     ap.add_argument("--cost", nargs="*", default=[], metavar="JSON",
                     help="benchmarks/bench_core.py JSON runs: adds an isolated 'prefill CPU × plain' column")
+    ap.add_argument("--ranked", nargs="*", type=float, default=[], metavar="BUDGET",
+                    help="also draw every policy's copy and continuation NLL at these budgets, ranked, bytes held "
+                         "in the labels")
+    ap.add_argument("--exclude", nargs="*", default=[], metavar="POLICY",
+                    help="rows of these policies are left off the page (e.g. a run's by-products)")
     a = ap.parse_args()
     ours, metas = load_rows(a.ours, "kvpolicy")
     peer, pmetas = load_rows(a.kvpress, "kvpress")
+    ours = [r for r in ours if r["policy"] not in a.exclude]
+    peer = [r for r in peer if r["policy"] not in a.exclude]
     summary = report.aggregate(ours + peer)
     cost = load_cost(a.cost)
     for r in summary:
@@ -206,6 +269,10 @@ def main() -> int:
                 pngs = report.plot_quality(rows_n, out, x=x)
             for p in pngs:
                 parts += [f"![quality vs {what}, {n} tokens]({p.name})", ""]
+        for b in a.ranked:
+            png = plot_ranked(summary, n, b, out)
+            if png is not None:
+                parts += [f"![every policy at budget {b:g}, {n} tokens, ranked by copy NLL]({png.name})", ""]
     if a.notes and Path(a.notes).is_file():
         parts += ["", Path(a.notes).read_text()]
     (out / a.page).write_text("\n".join(parts) + "\n")
