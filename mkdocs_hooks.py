@@ -23,6 +23,12 @@ import griffe
 log = logging.getLogger("mkdocs.hooks.kvpolicy")
 
 GENERATED = "configuration-reference.md"
+#: the methods overview, generated at build time from the registry (every preset with its paper and page)
+METHODS_INDEX = "methods/index.md"
+#: the page under docs/methods/ that documents each built-in plugin's presets
+METHOD_PAGES = {"baselines": "baselines.md", "lookm": "lookm.md", "elastic_cache": "elastic-cache.md",
+                "kvmerger": "kvmerger.md", "beyond": "beyond.md", "presses": "presses.md",
+                "structured": "structured.md", "adaptive": "adaptive.md", "related": "related.md"}
 _DIRECTIVE = re.compile(r"^:::\s+([\w.]+)", re.MULTILINE)
 STEP_TITLES = {"scorer": "Scorers", "prior": "Priors", "selector": "Selectors", "merger": "Mergers",
                "decode": "Decode rules", "layers": "Layer schedules"}
@@ -131,6 +137,31 @@ def configuration_reference(schema: dict[str, Any] | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------- optional pages
+def methods_index() -> str:
+    """``methods/index.md``: every registered preset, its paper (:meth:`Registry.paper_of`), its page, its
+    description, grouped by the plugin that provides it."""
+    from kvpolicy.registry import get_registry
+
+    reg = get_registry()
+    lines = [
+        "<!-- generated at build time by mkdocs_hooks.py from the plugin registry; do not edit -->",
+        "# Every method",
+        "",
+        "This page is generated when the site is built, from the registry that `kvpolicy plugins` prints: each "
+        "preset, the paper it follows (its own, or that of the step that defines it: merger, selector, layer "
+        "schedule, then scorer) and the page that gives its formula, parameters, decisions and measured "
+        "figures. Quality of every method side by side with kvpress: [results overview](../results/index.md).",
+        "",
+        "| preset | paper | page | what it does |",
+        "|:---|:---|:---|:---|",
+    ]
+    for item in sorted(reg.presets.values(), key=lambda r: (r.plugin, r.name)):
+        page = METHOD_PAGES.get(item.plugin)
+        link = f"[{page[:-3]}]({page})" if page else f"plugin `{item.plugin}` ({item.distribution})"
+        lines.append(f"| `{item.name}` | {_cell(reg.paper_of(item) or '-')} | {link} | {_cell(item.description)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _module_found(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -141,7 +172,7 @@ def _module_found(name: str) -> bool:
 def page_available(docs_dir: Path, path: str) -> bool:
     """Whether ``path`` (relative to ``docs_dir``) can be built: it exists (or is generated) and every
     ``::: module`` it renders can be found."""
-    if path == GENERATED:
+    if path in (GENERATED, METHODS_INDEX):
         return True
     p = docs_dir / path
     if not p.is_file():
@@ -187,6 +218,7 @@ def on_files(files: Any, config: Any) -> Any:
             log.info("leaving out %s: a module it documents cannot be found", f.src_uri)
             files.remove(f)
     files.append(File.generated(config, GENERATED, content=configuration_reference()))
+    files.append(File.generated(config, METHODS_INDEX, content=methods_index()))
     return files
 
 

@@ -186,6 +186,21 @@ def test_configuration_reference_covers_registry(hooks) -> None:
     assert json.dumps(policy_schema(), indent=2).splitlines()[1].strip() in text
 
 
+def test_methods_index_lists_every_preset_with_its_paper_and_page(hooks) -> None:
+    from kvpolicy.registry import get_registry
+
+    reg = get_registry()
+    text = hooks.methods_index()
+    for name, item in reg.presets.items():
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"preset {name!r} missing from the methods index"
+        cells = [c.strip() for c in row.split(" | ")]
+        assert cells[1] == (hooks._cell(reg.paper_of(item)) or "-")
+        page = hooks.METHOD_PAGES[item.plugin]  # every built-in plugin has its page, and the page exists
+        assert f"]({page})" in cells[2] and (DOCS / "methods" / page).is_file()
+    assert "| `h2o-cam` | CaM, Zhang et al., ICML 2024" in text and "| `full` | - |" in text
+
+
 def test_configuration_reference_table_cells(hooks) -> None:
     schema = {"properties": {"a": {"type": "integer", "minimum": 1, "default": 3, "description": "x | y"},
                              "b": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]}},
@@ -206,8 +221,9 @@ def _nav_pages(nav: list) -> list[str]:
 def test_every_page_is_in_the_nav(hooks) -> None:
     cfg = yaml.load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
     nav = _nav_pages(cfg["nav"])
-    assert hooks.GENERATED in nav and not (DOCS / hooks.GENERATED).exists(), \
-        f"{hooks.GENERATED} is generated at build time; do not commit it under docs/"
+    for generated in (hooks.GENERATED, hooks.METHODS_INDEX):
+        assert generated in nav and not (DOCS / generated).exists(), \
+            f"{generated} is generated at build time; do not commit it under docs/"
     pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     assert not pages - set(nav), f"pages missing from the nav of mkdocs.yml: {sorted(pages - set(nav))}"
 
