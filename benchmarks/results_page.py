@@ -172,6 +172,54 @@ def plot_ranked(summary: list[dict[str, Any]], n: int, budget: float, out: Path)
     return path
 
 
+def plot_frontier(summary: list[dict[str, Any]], n: int, out: Path) -> Path | None:
+    """Copy and continuation NLL against the KV bytes held: every (policy, budget) a point (ours circles,
+    kvpress's squares), the points no other beats on both (fewer or equal bytes and lower or equal NLL)
+    joined as a frontier and named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in summary if r["context"] == n and r["policy"] != "full" and isinstance(r.get("kv_ratio"), float)]
+    full = next((r for r in summary if r["context"] == n and r["policy"] == "full"), None)
+    if len(rs) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
+    for ax, (key, title) in zip(axes, (("copy_nll", "long-range copy NLL ↓"),
+                                       ("continuation_nll", "continuation NLL ↓"))):
+        pts = [(float(r["kv_ratio"]), float(r[key]), f"{r['policy']} @ {r['budget']:g}")
+               for r in rs if isinstance(r.get(key), float) and not math.isnan(r[key])]
+        front, best = [], float("inf")
+        for x, y, name in sorted(pts, key=lambda t: (t[0], t[1])):
+            if y < best:
+                front.append((x, y, name))
+                best = y
+        ref = full.get(key) if full else None
+        ys = sorted(y for _, y, _ in pts)
+        top = ys[int(0.9 * (len(ys) - 1))] * 1.15
+        for x, y, name in pts:
+            peer = name.startswith("kvpress:")
+            ax.plot([x], [min(y, top)], marker="s" if peer else "o", color="tab:red" if peer else "tab:blue",
+                    markersize=4, alpha=0.45, linestyle="none")
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.3", linewidth=1)
+        for x, y, name in front:
+            ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                        color="tab:red" if name.startswith("kvpress:") else "tab:blue")
+        if isinstance(ref, float):
+            ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="full cache")
+        ax.set_ylim(min(ys + ([ref] if isinstance(ref, float) else [])) - 0.1, top)
+        ax.set_xlim(0, 1.08)
+        ax.set_xlabel("KV bytes held (share of the full cache)")
+        ax.set_title(f"{title}, {n}-token contexts: every policy and budget, the frontier named", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"overview_frontier_{n}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ours", nargs="+", default=[])
@@ -190,6 +238,9 @@ def main() -> int:
     ap.add_argument("--ranked", nargs="*", type=float, default=[], metavar="BUDGET",
                     help="also draw every policy's copy and continuation NLL at these budgets, ranked, bytes held "
                          "in the labels")
+    ap.add_argument("--frontier", action="store_true",
+                    help="draw NLL against bytes held as points with the frontier named, instead of a line per policy "
+                         "(for pages with too many policies for a legend)")
     ap.add_argument("--exclude", nargs="*", default=[], metavar="POLICY",
                     help="rows of these policies are left off the page (e.g. a run's by-products)")
     a = ap.parse_args()
@@ -259,7 +310,11 @@ def main() -> int:
             rs.sort(key=lambda r: (r.get("copy_nll", float("inf")) if not math.isnan(r.get("copy_nll", float("nan")))
                                    else float("inf")))
             parts += [f"### budget {b:g} (sorted by copy NLL)", "", table(full + rs, cols), ""]
-        for x, what in (("budget", "budget"), ("kv_ratio", "bytes held")):
+        if a.frontier:
+            png = plot_frontier(summary, n, out)
+            if png is not None:
+                parts += [f"![NLL vs bytes held, {n} tokens, every policy and budget]({png.name})", ""]
+        for x, what in (() if a.frontier else (("budget", "budget"), ("kv_ratio", "bytes held"))):
             rows_n = [r for r in summary if r["context"] == n]
             if a.plot_prefix:  # drawn elsewhere, so that another page's quality_N.png is never overwritten
                 with tempfile.TemporaryDirectory() as tmp:
