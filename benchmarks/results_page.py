@@ -85,6 +85,18 @@ def _seeds(rows: list[dict[str, Any]]) -> dict[int, set[int]]:
     return out
 
 
+def _num(r: dict[str, Any] | None, key: str) -> float | None:
+    """``r[key]`` as a float, or None when absent, not a number or NaN."""
+    v = (r or {}).get(key)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
+    return float(v) if ok else None
+
+
+def _look(policy: Any) -> tuple[str, str]:
+    """(colour, marker) of a policy's points: ours blue circles, kvpress's red squares."""
+    return ("tab:red", "s") if str(policy).startswith("kvpress:") else ("tab:blue", "o")
+
+
 #: the isolated prefill cost column (``--cost``), shown only when such a measurement is given
 COST_COL = ("prefill_cost", "prefill CPU × plain", "{:.2f}")
 
@@ -110,8 +122,7 @@ def table(rows: list[dict[str, Any]], cols: tuple[tuple[str, str, str], ...] = C
         cells = []
         for k, _, fmt in cols:
             v = r.get(k)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
-            cells.append(fmt.format(v) if ok else "-")
+            cells.append(fmt.format(v) if _num(r, k) is not None else "-")
         lines.append(f"| {r['policy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,32 +136,27 @@ def plot_ranked(summary: list[dict[str, Any]], n: int, budget: float, out: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def num(r: dict[str, Any], k: str) -> float | None:
-        v = r.get(k)
-        return float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else None
-
     rows = [r for r in summary if r["context"] == n and r["budget"] == budget and r["policy"] != "full"
-            and num(r, "copy_nll") is not None]
+            and _num(r, "copy_nll") is not None]
     full = next((r for r in summary if r["context"] == n and r["policy"] == "full"), None)
     if len(rows) < 2:
         return None
-    rows.sort(key=lambda r: -num(r, "copy_nll"))  # best at the top
+    rows.sort(key=lambda r: -_num(r, "copy_nll"))  # best at the top
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.22 * len(rows) + 1.5), sharey=True)
     ys = list(range(len(rows)))
     for ax, (key, title) in zip(axes, (("copy_nll", "long-range copy NLL ↓"),
                                        ("continuation_nll", "continuation NLL ↓"))):
-        vals = [num(r, key) for r in rows]
+        vals = [_num(r, key) for r in rows]
         known = sorted(v for v in vals if v is not None)
-        ref = num(full, key) if full else None
+        ref = _num(full, key)
         lo = min(known + ([ref] if ref is not None else []))
         q90 = known[int(0.9 * (len(known) - 1))]
         top = q90 + 0.35 * (q90 - lo) + 1e-6
         for y, r, v in zip(ys, rows, vals):
             if v is None:
                 continue
-            peer = str(r["policy"]).startswith("kvpress:")
-            color = "tab:red" if peer else "tab:blue"
-            ax.plot([min(v, top)], [y], marker="s" if peer else "o", color=color, markersize=4.5)
+            color, marker = _look(r["policy"])
+            ax.plot([min(v, top)], [y], marker=marker, color=color, markersize=4.5)
             if v > top:
                 ax.annotate(f"{v:.2f} →", (top, y), xytext=(-4, 0), textcoords="offset points", ha="right",
                             va="center", fontsize=6.5, color=color)
@@ -160,10 +166,10 @@ def plot_ranked(summary: list[dict[str, Any]], n: int, budget: float, out: Path)
         ax.set_title(f"{title}, budget {budget:g}, {n}-token contexts", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yticks(ys)
-    axes[0].set_yticklabels([f"{r['policy']}  ({num(r, 'kv_ratio') or float('nan'):.2f} of the bytes)" for r in rows],
+    axes[0].set_yticklabels([f"{r['policy']}  ({_num(r, 'kv_ratio') or float('nan'):.2f} of the bytes)" for r in rows],
                             fontsize=7)
     for tick, r in zip(axes[0].get_yticklabels(), rows):
-        tick.set_color("tab:red" if str(r["policy"]).startswith("kvpress:") else "tab:blue")
+        tick.set_color(_look(r["policy"])[0])
     axes[0].set_ylim(-0.7, len(rows) - 0.3)
     fig.tight_layout()
     path = out / f"overview_ranked_{n}_{budget:g}.png"
@@ -181,34 +187,32 @@ def plot_frontier(summary: list[dict[str, Any]], n: int, out: Path) -> Path | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rs = [r for r in summary if r["context"] == n and r["policy"] != "full" and isinstance(r.get("kv_ratio"), float)]
+    rs = [r for r in summary if r["context"] == n and r["policy"] != "full" and _num(r, "kv_ratio") is not None]
     full = next((r for r in summary if r["context"] == n and r["policy"] == "full"), None)
     if len(rs) < 2:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
     for ax, (key, title) in zip(axes, (("copy_nll", "long-range copy NLL ↓"),
                                        ("continuation_nll", "continuation NLL ↓"))):
-        pts = [(float(r["kv_ratio"]), float(r[key]), f"{r['policy']} @ {r['budget']:g}")
-               for r in rs if isinstance(r.get(key), float) and not math.isnan(r[key])]
+        pts = [(_num(r, "kv_ratio"), _num(r, key), f"{r['policy']} @ {r['budget']:g}")
+               for r in rs if _num(r, key) is not None]
         front, best = [], float("inf")
         for x, y, name in sorted(pts, key=lambda t: (t[0], t[1])):
             if y < best:
                 front.append((x, y, name))
                 best = y
-        ref = full.get(key) if full else None
+        ref = _num(full, key)
         ys = sorted(y for _, y, _ in pts)
         top = ys[int(0.9 * (len(ys) - 1))] * 1.15
         for x, y, name in pts:
-            peer = name.startswith("kvpress:")
-            ax.plot([x], [min(y, top)], marker="s" if peer else "o", color="tab:red" if peer else "tab:blue",
-                    markersize=4, alpha=0.45, linestyle="none")
+            color, marker = _look(name)
+            ax.plot([x], [min(y, top)], marker=marker, color=color, markersize=4, alpha=0.45, linestyle="none")
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.3", linewidth=1)
         for x, y, name in front:
-            ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7,
-                        color="tab:red" if name.startswith("kvpress:") else "tab:blue")
-        if isinstance(ref, float):
+            ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color=_look(name)[0])
+        if ref is not None:
             ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="full cache")
-        ax.set_ylim(min(ys + ([ref] if isinstance(ref, float) else [])) - 0.1, top)
+        ax.set_ylim(min(ys + ([ref] if ref is not None else [])) - 0.1, top)
         ax.set_xlim(0, 1.08)
         ax.set_xlabel("KV bytes held (share of the full cache)")
         ax.set_title(f"{title}, {n}-token contexts: every policy and budget, the frontier named", fontsize=9)

@@ -191,17 +191,15 @@ class Registry:
         """
         if item.paper or item.kind != "preset":
             return item.paper
-        config = item.obj.config
-        keep_all = config.get("selector")
-        if (keep_all.get("name") if isinstance(keep_all, dict) else keep_all) == "all":
+        steps = {key: spec.get("name") if isinstance(spec, dict) else spec
+                 for key, spec in item.obj.config.items() if key in dict(_DEFINING_STEPS)}
+        if steps.get("selector") == "all":
             return ""  # keeps everything: no compression method
         for key, kind in _DEFINING_STEPS:
-            spec = config.get(key)
-            step = spec.get("name") if isinstance(spec, dict) else spec
-            if not step or step in _TRIVIAL_STEPS:
-                continue
-            hit = self.components.get((kind, str(step)))
-            return hit.paper if hit is not None else ""
+            step = steps.get(key)
+            if step and step not in _TRIVIAL_STEPS:
+                hit = self.components.get((kind, str(step)))
+                return hit.paper if hit is not None else ""
         return ""
 
     def rows(self) -> list[Registered]:
