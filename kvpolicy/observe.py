@@ -254,14 +254,15 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     hkv, s = keys.shape[1], keys.shape[2]
     g = h // hkv
     queries = queries.detach()  # statistics, never differentiated
-    # keys transposed once, [B, Hkv, D, S]: every chunk's Q·Kᵀ reads a prefix of contiguous rows
-    kt = keys.detach().to(torch.float32).transpose(-1, -2).contiguous()
+    kt = keys.detach().to(torch.float32).transpose(-1, -2)
     # at least 8 chunks (of >= 32 queries): each chunk scores only the key prefix it sees, so a few
     # queries spread over the whole sequence (a strided estimate) still skip most of the causal triangle
     # chunks of STAT_CHUNK_BYTES, but of >= 32 queries (within max_bytes): at long contexts a chunk of few queries
     # re-reads every key and value for little work (32k tokens: 7 queries per chunk cost 2.1x SDPA, 28 cost 1.6x)
     row = b * h * s * 4
     step = min(chunk_rows(q, row, max_bytes), max(chunk_rows(q, row, STAT_CHUNK_BYTES), 32), max(32, -(-q // 8)))
+    if step < q:  # keys transposed once, [B, Hkv, D, S]: every chunk's Q·Kᵀ reads a prefix of contiguous rows
+        kt = kt.contiguous()  # (one chunk, e.g. an observation window, multiplies by the transposed view)
     # Buffers reused by every chunk (scaled queries, logits; the softmax runs in place): a fresh multi-MiB
     # tensor per chunk costs more in page faults than the softmax itself on CPU, and one logits buffer
     # instead of two halves the working set. The yielded tensor is a view of it, valid until the next chunk.

@@ -40,7 +40,13 @@ def gather_seq(x: Tensor, idx: Tensor) -> Tensor:
     idx = expand_heads(idx, x.shape[1])
     if x.dim() == 3:
         return x.gather(2, idx)
-    return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+    b, h, s, d = x.shape
+    if x.is_contiguous() and not x.requires_grad:  # whole rows of D: one index_select (a gather reads per element)
+        if idx.numel() and bool(((idx < 0) | (idx >= s)).any()):
+            raise IndexError(f"gather_seq: an index outside [0, {s}) (min {int(idx.min())}, max {int(idx.max())})")
+        rows = idx + torch.arange(0, b * h * s, s, device=idx.device).view(b, h, 1)
+        return x.view(b * h * s, d).index_select(0, rows.reshape(-1)).view(*idx.shape, d)
+    return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, d))
 
 
 def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,6 +96,10 @@ def topk_keep(scores: Tensor, k: int, *, valid: Tensor, forced: Tensor | None = 
     key = scores if scores.dtype == torch.float64 else scores.float()
     valid = valid.expand(b, h, s)
     key = torch.where(valid, key, torch.full_like(key, float("-inf")))
+    if priority is None and k <= s and (per_row is None or bool((per_row >= k).all())):
+        fast = _topk_set(key, k, None if forced is None else forced.expand(b, h, s) & valid)
+        if fast is not None:
+            return fast, valid.gather(-1, fast)
     if priority is not None:
         # lexicographic (priority, score): sort by score first, then stably by priority
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices
@@ -108,6 +118,29 @@ def topk_keep(scores: Tensor, k: int, *, valid: Tensor, forced: Tensor | None = 
     # ascending positions; fillers keep their slot order among themselves
     srt = torch.sort(top, dim=-1).indices
     return top.gather(-1, srt), kept.gather(-1, srt)
+
+
+def _topk_set(key: Tensor, k: int, forced: Tensor | None) -> Tensor | None:
+    """:func:`topk_keep`'s indices when only the kept set matters (no priority, every row keeps ``k``).
+
+    The same set as the stable sorts (forced first, then the highest keys, ties to the lower position) from
+    one ``topk`` and a threshold: entries above the ``k``-th largest key, then the lowest positions of those
+    equal to it. ``None`` where this cannot decide (more forced entries than ``k``: their own order
+    matters; a NaN key), and the caller sorts.
+    """
+    if forced is not None:
+        if int(forced.sum(-1).max()) > k or bool(torch.isposinf(key).any()):
+            return None
+        key = key.masked_fill(forced, float("inf"))
+    t = torch.topk(key, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th largest
+    above = key > t
+    tied = key == t
+    need = k - above.sum(-1, keepdim=True)
+    mask = above | (tied & (tied.cumsum(-1) <= need))
+    if not bool((mask.sum(-1) == k).all()):
+        return None
+    b, h, _ = key.shape
+    return mask.nonzero()[:, 2].view(b, h, k)  # row-major: ascending positions per row
 
 
 def cosine_argmax(src: Tensor, dst: Tensor, *, dst_valid: Tensor | None = None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -50,7 +50,11 @@ class ServeConfig(BaseModel):
 
     ``policy``: a preset name, a path to a YAML/JSON/TOML policy file, or a policy mapping;
     ``budget``: overrides the policy's budget (a ratio ``0.2``, a token count ``512`` or a mapping);
-    ``enabled``: False serves without compression (a request can switch its engine's policy off).
+    ``enabled``: False serves without compression (a request can switch its engine's policy off);
+    ``admission``: ``"reserve"`` (default) admits a compressed request only while the blocks that the running
+    compressed requests, and its own output, may still take stay free, so admitted requests are seldom preempted;
+    ``"eager"`` leaves admission to the engine (more requests at once, but a full pool preempts one, which is
+    prefilled and compressed again from scratch).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -58,6 +62,8 @@ class ServeConfig(BaseModel):
     policy: str | dict[str, Any] = Field(default="snapkv", description="preset name, policy file or mapping")
     budget: float | int | dict[str, Any] | None = Field(default=None, description="budget override")
     enabled: bool = True
+    admission: Literal["reserve", "eager"] = Field(
+        default="reserve", description="reserve blocks for the growth of running compressed requests, or not")
 
     @field_validator("budget")
     @classmethod

@@ -142,8 +142,8 @@ def test_preemption_and_aborts_do_not_leak(llm, scheduler, prompts) -> None:  # 
     mid-way; every block comes back and no state is left."""
     pool = scheduler.kv_cache_manager.block_pool
     free0 = pool.get_num_free_blocks()
-    reqs = [_add(llm, prompts[2 if i < 6 else 0], {"policy": "snapkv", "budget": 0.2} if i % 2 else {"enabled": False},
-                 n=600) for i in range(8)]
+    comp = {"policy": "snapkv", "budget": 0.2, "admission": "eager"}  # "reserve" would hold them back
+    reqs = [_add(llm, prompts[2 if i < 6 else 0], comp if i % 2 else {"enabled": False}, n=600) for i in range(8)]
     steps, preempted0 = 0, scheduler.stats.preempted
     while llm.llm_engine.has_unfinished_requests():
         llm.llm_engine.step()
@@ -153,6 +153,23 @@ def test_preemption_and_aborts_do_not_leak(llm, scheduler, prompts) -> None:  # 
     assert scheduler.stats.preempted > preempted0, "the test must preempt (pool too large?)"
     assert pool.get_num_free_blocks() == free0
     assert not scheduler.kv_state
+
+
+def test_reserved_admission_holds_growth_back(llm, scheduler, prompts) -> None:  # noqa: ANN001
+    """Eight compressed requests whose outputs outgrow the pool (8 x 29 blocks > 200): with admission "reserve"
+    (the default) vLLM admits them only while the running ones can still grow, more run at once than
+    uncompressed requests could (3 x 54 blocks), and every block comes back. Known gap: requests admitted in
+    the same step as another's prefill chunk are not yet counted, so one preemption can remain."""
+    pool = scheduler.kv_cache_manager.block_pool
+    free0, preempted0 = pool.get_num_free_blocks(), scheduler.stats.preempted
+    reqs = [_add(llm, prompts[2], {"policy": "snapkv", "budget": 0.2}, n=700) for _ in range(8)]
+    most = 0
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+        most = max(most, sum(r.request_id in reqs for r in scheduler.running))
+    assert scheduler.stats.preempted - preempted0 <= 1
+    assert most > 3
+    assert pool.get_num_free_blocks() == free0 and not scheduler.kv_state
 
 
 def test_engine_refuses_what_it_cannot_serve(model_dir) -> None:  # noqa: ANN001

@@ -14,12 +14,14 @@ from functools import wraps
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from kvpolicy.serving import ServablePolicy, ServeConfig
 from kvpolicy_vllm import hooks
 from kvpolicy_vllm.plan import Compaction, StepPlan
 
 log = logging.getLogger("kvpolicy.vllm")
+_ADMITTING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class KVPolicyScheduler(Scheduler):
         @wraps(allocate)
         def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
             st = state.get(request.request_id)
+            if st is not None and st.settings.admission == "reserve" and request.status in _ADMITTING:
+                kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + self._growth_reserve(request)
             d = st.offset if st is not None else 0
             if not d:
                 return allocate(request, *args, **kwargs)
@@ -87,6 +91,31 @@ class KVPolicyScheduler(Scheduler):
 
         mgr.allocate_slots = allocate_slots
         mgr.coordinator.cache_blocks = cache_blocks
+
+    # --- admission: a compressed request starts only if the compressed requests running can still grow
+    def _grown_blocks(self, request: Any, st: RequestState) -> int:
+        """Blocks ``request`` holds once compressed and done: its kept entries plus every output token."""
+        return -(-(st.servable.kept(request.num_prompt_tokens) + request.max_tokens) // self.kv_block_size)
+
+    def _growth_reserve(self, request: Any) -> int:
+        """Blocks the running compressed requests (and ``request`` itself, past its prompt) may still take.
+
+        Admitting a compressed request into blocks that running ones will need makes vLLM preempt one
+        later (a preempted request is prefilled and compressed again from scratch); holding them back
+        keeps every admitted request running to its end. Nothing running: nothing to protect (and a request
+        too long for the pool is left to vLLM, as without kvpolicy)."""
+        if not self.running:
+            return 0
+        bs = self.kv_block_size
+        need = 0
+        for r in self.running:
+            st = self.kv_state.get(r.request_id)
+            if st is not None:  # at its largest: the whole prompt until compressed, then kept + every output
+                final = self._grown_blocks(r, st)
+                final = final if st.offset else max(final, -(-r.num_prompt_tokens // bs))
+                need += max(0, final - len(self.kv_manager.req_to_blocks.get(r.request_id, ())))
+        own = self._grown_blocks(request, self.kv_state[request.request_id]) - -(-request.num_prompt_tokens // bs)
+        return need + max(0, own)
 
     # --- request life cycle
     def add_request(self, request: Any) -> None:
