@@ -65,20 +65,22 @@ class WorkerState:
             self.cuts.pop(r, None)
 
     # --- called by the attention wrapper, once per layer
-    def after_attention(self, impl: Any, layer: Any, query: Tensor, kv_cache: Tensor) -> None:
+    def after_attention(self, impl: Any, layer: Any, query: Tensor, key: Tensor, value: Tensor,
+                        kv_cache: Tensor) -> None:
         li = self.layer_index.get(getattr(layer, "layer_name", ""))
         if li is None:
             return
         for job in self.jobs:
             t0 = time.perf_counter()
-            self._layer(job, li, impl, layer, query, kv_cache)
+            self._layer(job, li, impl, layer, query, key, value, kv_cache)
             job.seconds += time.perf_counter() - t0
             if li == self.n_layers - 1 and job.compaction is not None:
                 c = job.compaction
                 log.debug("kvpolicy: request %s: %d -> %d entries per layer and head in %.1f ms (%d layers)",
                           job.req_id, c.tokens, c.kept, 1000 * job.seconds, self.n_layers)
 
-    def _layer(self, job: Job, li: int, impl: Any, layer: Any, query: Tensor, kv_cache: Tensor) -> None:
+    def _layer(self, job: Job, li: int, impl: Any, layer: Any, query: Tensor, key: Tensor, value: Tensor,
+               kv_cache: Tensor) -> None:
         w = job.servable.query_window
         q = query[job.start: job.end].reshape(job.end - job.start, impl.num_heads, impl.head_size)
         pos0 = job.first_pos
@@ -94,7 +96,14 @@ class WorkerState:
             return
         c = job.compaction
         lay = self._layout(impl, layer, kv_cache)
-        keys, values = lay.read(kv_cache, job.block_ids, c.tokens)
+        if key is not None and job.first_pos == 0 and job.end - job.start == c.tokens \
+                and impl.kv_cache_dtype == "auto" and key.dtype == kv_cache.dtype:
+            # the whole prompt came in this step: its keys and values are this step's own (what was just
+            # cached, bit for bit), so nothing is read back out of the blocks
+            keys = key[job.start: job.end].view(c.tokens, -1, impl.head_size).transpose(0, 1)
+            values = value[job.start: job.end].view(c.tokens, -1, impl.head_size).transpose(0, 1)
+        else:
+            keys, values = lay.read(kv_cache, job.block_ids, c.tokens)
         qs = q.transpose(0, 1) if w else None
         qpos = torch.arange(pos0, pos0 + q.shape[0]) if w else None
         kk, vv = job.servable.compress(li, keys, values, qs, qpos, impl.scale)
@@ -206,7 +215,7 @@ def install() -> None:
         out = forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         st = _ACTIVE
         if st is not None and attn_metadata is not None:
-            st.after_attention(self, layer, query, kv_cache)
+            st.after_attention(self, layer, query, key, value, kv_cache)
         return out
 
     _prepare_inputs._kvpolicy = True  # type: ignore[attr-defined]
