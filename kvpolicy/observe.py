@@ -189,6 +189,23 @@ def _queries_seeing(query_pos: Tensor, query_valid: Tensor | None, key_pos: Tens
     return (pos.shape[-1] - before).view(b, hkv, s).float()
 
 
+def _head_matmul(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``out[..., m, n] = a[..., m, k] @ b[..., k, n]`` over the leading (batch, KV head) axes.
+
+    With several threads and a batch count they cannot share evenly (3 KV heads on 2 threads: one thread
+    takes 2 heads, the other 1), one 2-D product per head instead, each split over all the threads."""
+    lead = a.shape[:-2]
+    count = a.shape[:-2].numel()
+    threads = torch.get_num_threads()
+    if threads == 1 or count % threads == 0 or a.device.type != "cpu":
+        return torch.matmul(a, b, out=out)
+    a2, b2 = a.reshape(count, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:]).reshape(count, *b.shape[-2:])
+    o2 = out.view(count, *out.shape[-2:])
+    for i in range(count):
+        torch.mm(a2[i], b2[i], out=o2[i])
+    return out
+
+
 def group_colsum(probs: Tensor) -> Tensor:
     """``[B, Hkv, g, c, n]`` probabilities -> ``[B, Hkv, n]``: summed over the chunk's queries (one
     matrix-vector product per query head, a single read of the chunk), then averaged over the group's
@@ -229,11 +246,16 @@ def attention_with_colsum(
     v32 = values.detach().float()
     out = torch.empty(b, hkv, g, q, dv, dtype=queries.dtype, device=queries.device)
     acc = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device) if sums else None
+    pv_buf: Tensor | None = None  # one chunk's P·V in fp32, reused
     for lo, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
                                   form):
         c, n = probs.shape[3], probs.shape[4]
-        # [B, Hkv, g*c, n] @ [B, Hkv, n, Dv]: one batched matmul per KV head, no broadcast over the group
-        out[:, :, :, lo: lo + c] = (probs.view(b, hkv, g * c, n) @ v32[:, :, :n]).view(b, hkv, g, c, dv)
+        # [B, Hkv, g*c, n] @ [B, Hkv, n, Dv]: one matmul per KV head, no broadcast over the group
+        if pv_buf is None:
+            pv_buf = torch.empty(b * hkv * g * c * dv, dtype=torch.float32, device=keys.device)
+        pv = pv_buf[: b * hkv * g * c * dv].view(b, hkv, g * c, dv)
+        _head_matmul(probs.view(b, hkv, g * c, n), v32[:, :, :n], out=pv)
+        out[:, :, :, lo: lo + c] = pv.view(b, hkv, g, c, dv)
         if acc is not None:
             acc[..., :n] += group_colsum(probs)
     return out.view(b, h, q, dv), acc
@@ -282,7 +304,7 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
         qc = q_buf[: b * h * c * d].view(b, h, c, d)
         qc.copy_(queries[:, :, lo:hi]).mul_(scaling)  # fp32 first, then the scale (as queries.float() * scaling)
         logits = logits_buf[: b * h * c * n].view(b, hkv, g * c, n)
-        torch.matmul(qc.view(b, hkv, g * c, d), kt[..., :n], out=logits)
+        _head_matmul(qc.view(b, hkv, g * c, d), kt[..., :n], out=logits)
         logits = logits.view(b, hkv, g, c, n)
         if form.softcap is not None:  # before the bias and the mask, as the models apply it
             logits.div_(form.softcap).tanh_().mul_(form.softcap)

@@ -12,6 +12,8 @@ from torch import Tensor
 
 COS_EPS = 1e-6
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+#: similarities per chunk of :func:`cosine_argmax`, at most (2-8 MiB measured alike, 32 MiB slower)
+COS_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def chunk_rows(total: int, row_bytes: int, max_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -155,19 +157,22 @@ def cosine_argmax(src: Tensor, dst: Tensor, *, dst_valid: Tensor | None = None,
     b, h, e, _ = src.shape
     k = dst.shape[2]
     dn = dst.float()
-    dn = dn / dn.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
+    dn = (dn / dn.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)).transpose(-1, -2)  # [B, H, D, K] view
     out_i = torch.empty(b, h, e, dtype=torch.long, device=src.device)
     out_v = torch.empty(b, h, e, dtype=torch.float32, device=src.device)
-    step = chunk_rows(e, b * h * k * 4)
+    # chunks of about COS_CHUNK_BYTES of similarities (at least 64 sources) in one buffer reused, the max
+    # written in place: at 8k tokens, 0.2, 100 -> 65-73 ms per layer (fresh 32 MiB chunks page-fault)
+    step = min(chunk_rows(e, b * h * k * 4, max_bytes), max(chunk_rows(e, b * h * k * 4, COS_CHUNK_BYTES), 64))
+    sim_buf = torch.empty(b * h * min(step, e) * k, dtype=torch.float32, device=src.device)
+    hidden = None if dst_valid is None else ~dst_valid.unsqueeze(2)
     for lo in range(0, e, step):
-        sn = src[:, :, lo:lo + step].float()
+        hi = min(e, lo + step)
+        sn = src[:, :, lo:hi].float()
         sn = sn / sn.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
-        sim = sn @ dn.transpose(-1, -2)
-        if dst_valid is not None:
-            sim = sim.masked_fill(~dst_valid.unsqueeze(2), float("-inf"))
-        v, i = sim.max(dim=-1)  # max returns the first maximal index
-        out_i[:, :, lo:lo + step] = i
-        out_v[:, :, lo:lo + step] = v
+        sim = torch.matmul(sn, dn, out=sim_buf[: b * h * (hi - lo) * k].view(b, h, hi - lo, k))
+        if hidden is not None:
+            sim.masked_fill_(hidden, float("-inf"))
+        torch.max(sim, dim=-1, out=(out_v[:, :, lo:hi], out_i[:, :, lo:hi]))  # the first maximal index
     return out_i, out_v
 
 

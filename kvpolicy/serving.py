@@ -51,8 +51,10 @@ class ServeConfig(BaseModel):
     ``policy``: a preset name, a path to a YAML/JSON/TOML policy file, or a policy mapping;
     ``budget``: overrides the policy's budget (a ratio ``0.2``, a token count ``512`` or a mapping);
     ``enabled``: False serves without compression (a request can switch its engine's policy off);
-    ``admission``: ``"reserve"`` (default) admits a compressed request only while the blocks that the running
-    compressed requests, and its own output, may still take stay free, so admitted requests are seldom preempted;
+    ``admission``: ``"reserve"`` (default) admits a compressed request only while every running compressed
+    request and the new one still fit at their largest once compressed (kept entries + every output token), and
+    the blocks the running ones take while its prompt is prefilled stay free, so admitted requests are not
+    preempted by its prefill or by their own growth;
     ``"eager"`` leaves admission to the engine (more requests at once, but a full pool preempts one, which is
     prefilled and compressed again from scratch).
     """

@@ -47,6 +47,11 @@ class Stats:
     events: list[tuple[str, int, int, int]] = field(default_factory=list)  # (request, tokens, kept, freed)
 
 
+def prompt_blocks_of(request: Any, block_size: int) -> int:
+    """Blocks a request's whole prompt takes (uncompressed)."""
+    return -(-request.num_prompt_tokens // block_size)
+
+
 class KVPolicyScheduler(Scheduler):
     """vLLM's scheduler, with compressed requests' KV blocks sized on their physical length."""
 
@@ -73,7 +78,8 @@ class KVPolicyScheduler(Scheduler):
         def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
             st = state.get(request.request_id)
             if st is not None and st.settings.admission == "reserve" and request.status in _ADMITTING:
-                kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + self._growth_reserve(request)
+                new_tokens = args[0] if args else kwargs.get("num_new_tokens", 0)
+                kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + self._growth_reserve(request, new_tokens)
             d = st.offset if st is not None else 0
             if not d:
                 return allocate(request, *args, **kwargs)
@@ -97,25 +103,45 @@ class KVPolicyScheduler(Scheduler):
         """Blocks ``request`` holds once compressed and done: its kept entries plus every output token."""
         return -(-(st.servable.kept(request.num_prompt_tokens) + request.max_tokens) // self.kv_block_size)
 
-    def _growth_reserve(self, request: Any) -> int:
-        """Blocks the running compressed requests (and ``request`` itself, past its prompt) may still take.
+    def _growth_reserve(self, request: Any, num_new_tokens: int) -> int:
+        """Free blocks that must stay free when ``request`` (waiting, compressed) is given blocks for its next
+        ``num_new_tokens`` tokens.
 
-        Admitting a compressed request into blocks that running ones will need makes vLLM preempt one
-        later (a preempted request is prefilled and compressed again from scratch); holding them back
-        keeps every admitted request running to its end. Nothing running: nothing to protect (and a request
-        too long for the pool is left to vLLM, as without kvpolicy)."""
+        Two conditions, over the compressed requests running (``r``) and the request itself:
+
+        * in the long run, every one at its largest once compressed (kept entries + every output token) fits:
+          ``sum final_r + final <= held + free``; the prompt's own blocks beyond its compressed size come back
+          after its prefill, so they are not counted twice;
+        * while its prompt is prefilled (the steps its remaining prompt takes, plus the one that compacts it),
+          the blocks the running ones take meanwhile (one token per step each; a prompt still prefilling: all
+          its prompt) and the rest of its own prompt stay free.
+
+        Admitting a compressed request into blocks that running ones will need makes vLLM preempt one later (a
+        preempted request is prefilled and compressed again from scratch); holding them back keeps every
+        admitted request running to its end. Nothing running: nothing to protect (a request too long for the
+        pool is left to vLLM, as without kvpolicy)."""
         if not self.running:
             return 0
         bs = self.kv_block_size
-        need = 0
+        held_now = -(-(request.num_computed_tokens + num_new_tokens) // bs)  # what this allocation holds
+        prompt_blocks = prompt_blocks_of(request, bs)
+        left = max(0, request.num_prompt_tokens - request.num_computed_tokens - num_new_tokens)
+        steps = -(-left // max(1, self.max_num_scheduled_tokens)) + 2  # its prefill, then its compaction
+        long_run = self._grown_blocks(request, self.kv_state[request.request_id]) - held_now
+        short_run = max(0, prompt_blocks - held_now)
         for r in self.running:
             st = self.kv_state.get(r.request_id)
-            if st is not None:  # at its largest: the whole prompt until compressed, then kept + every output
-                final = self._grown_blocks(r, st)
-                final = final if st.offset else max(final, -(-r.num_prompt_tokens // bs))
-                need += max(0, final - len(self.kv_manager.req_to_blocks.get(r.request_id, ())))
-        own = self._grown_blocks(request, self.kv_state[request.request_id]) - -(-request.num_prompt_tokens // bs)
-        return need + max(0, own)
+            if st is None:
+                continue
+            held = len(self.kv_manager.req_to_blocks.get(r.request_id, ()))
+            final = self._grown_blocks(r, st)
+            long_run += final - held
+            if st.offset:  # compressed: grows by a token per step
+                soon = min(final, -(-(r.num_tokens - st.offset + steps) // bs))
+            else:  # still prefilling (or too short to compress): its whole prompt, then a token per step
+                soon = max(prompt_blocks_of(r, bs), min(final, -(-(r.num_tokens + steps) // bs)))
+            short_run += max(0, soon - held)
+        return max(0, long_run, short_run)
 
     # --- request life cycle
     def add_request(self, request: Any) -> None:
