@@ -291,16 +291,10 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     q_buf = torch.empty(b * h * step * d, dtype=torch.float32, device=keys.device)
     logits_buf = torch.empty(b * h * step * s, dtype=torch.float32, device=keys.device)
     sinks = None if form.sinks is None else form.sinks.detach().float().view(1, hkv, g, 1, 1)
-    for lo in range(0, q, step):
+    bounds = _chunk_prefixes(query_pos, key_pos, step, windowed=form.window is not None)
+    for lo, (n, n_all) in zip(range(0, q, step), bounds):
         hi = min(q, lo + step)
         c = hi - lo
-        first, last = query_pos[:, lo:hi].min(), query_pos[:, lo:hi].max()
-        n = max(1, int((key_pos <= last).sum(-1).max()))
-        n_all = int((key_pos <= first).sum(-1).min())  # leading entries every query of the chunk sees
-        if not (bool((key_pos[..., n:] > last).all()) and bool((key_pos[..., :n_all] <= first).all())):
-            n, n_all = s, 0  # positions not sorted: no prefix shortcuts
-        if form.window is not None:
-            n_all = 0  # the window hides leading entries from later queries: every column is masked
         qc = q_buf[: b * h * c * d].view(b, h, c, d)
         qc.copy_(queries[:, :, lo:hi]).mul_(scaling)  # fp32 first, then the scale (as queries.float() * scaling)
         logits = logits_buf[: b * h * c * n].view(b, hkv, g * c, n)
@@ -323,6 +317,32 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
         if bool(dead.any()):
             probs.masked_fill_(dead, 0.0)
         yield lo, probs
+
+
+def _chunk_prefixes(query_pos: Tensor, key_pos: Tensor, step: int, *, windowed: bool) -> list[tuple[int, int]]:
+    """Per query chunk of ``step`` queries: ``(n, n_all)``, the key prefix some query of the chunk sees and the
+    leading entries every query of it sees, for all chunks at once (one sync instead of several per chunk).
+
+    Shortcuts need the entries in ascending position order in every row (checked once); otherwise every chunk
+    scores all ``S`` entries and masks them all. A window hides leading entries from later queries, so then
+    ``n_all = 0`` (every column is masked)."""
+    b, q = query_pos.shape
+    s = key_pos.shape[-1]
+    chunks = -(-q // step)
+    if s == 0 or q == 0:
+        return [(max(1, s), 0)] * chunks
+    rows = key_pos.reshape(-1, s)
+    if s > 1 and not bool((rows[:, 1:] >= rows[:, :-1]).all()):
+        return [(s, 0)] * chunks  # positions not sorted: no prefix shortcuts
+    pad = chunks * step - q
+    qp = query_pos if not pad else torch.cat([query_pos, query_pos[:, -1:].expand(b, pad)], dim=1)
+    qp = qp.view(b, chunks, step)
+    first, last = qp.amin(dim=(0, 2)), qp.amax(dim=(0, 2))  # [chunks]: over the batch, as one chunk is scored
+    probe = torch.cat([last, first]).to(rows.dtype)  # [2 * chunks]
+    seen = torch.searchsorted(rows.contiguous(), probe.expand(rows.shape[0], -1).contiguous(), right=True)
+    n = seen[:, :chunks].amax(0).clamp_min(1)  # [chunks]: entries some query of the chunk sees, in some row
+    n_all = torch.zeros_like(n) if windowed else seen[:, chunks:].amin(0)
+    return list(zip(n.tolist(), n_all.tolist()))
 
 
 def softmax_with_sinks(logits: Tensor, sinks: Tensor | None, *, out: Tensor) -> Tensor:
