@@ -9,6 +9,8 @@ times (medians of ``--repeats`` interleaved runs after one warm-up):
   every query's softmax (what H2O, LOOK-M, Elastic Cache and KVMerger score with), in one pass;
 - ``colsum``: :func:`kvpolicy.observe.attention_colsum` alone (the statistic without the output);
 - ``sdpa+lse``: the same kernel returning each query's log-sum-exp (what a ``-fast`` preset's prefill runs);
+- ``cosine``: :func:`kvpolicy.ops.cosine_argmax` of the last 80 % of the keys against the first 20 % (the
+  merge assignment of LOOK-M and KVMerger at budget 0.2);
 - ``estimate S``: :func:`kvpolicy.observe.estimated_colsum` with stride S and that log-sum-exp (the
   ``-fast`` presets' statistic, S = 16).
 
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvpolicy import observe
+from kvpolicy import observe, ops
 from kvpolicy.integrate import sdpa_with_lse
 
 
@@ -68,6 +70,8 @@ def measure(length: int, repeats: int, strides: list[int], heads: int = 9, kv_he
         "colsum": lambda: observe.attention_colsum(q, k, scaling=scale, query_pos=pos, key_pos=kpos),
     }
     fns["sdpa+lse"] = lambda: sdpa_with_lse(q, k, v, None, scale, True)
+    kept = length // 5  # LOOK-M's / KVMerger's assignment at budget 0.2: each evicted key to its nearest kept one
+    fns["cosine"] = lambda: ops.cosine_argmax(k[:, :, kept:], k[:, :, :kept])
     _, lse = sdpa_with_lse(q, k, v, None, scale, True)
     for s in strides:  # the estimate of the -fast presets, with the log-sum-exp the prefill kernel returned
         fns[f"estimate{s}"] = (lambda s=s: observe.estimated_colsum(
