@@ -81,6 +81,15 @@ def prefill_seconds(llm, ids: list[int], configs: list[dict], repeats: int) -> l
     return times
 
 
+def prefill_overhead(llm, ids: list[int], policy: str, repeats: int) -> dict:  # noqa: ANN001
+    """One prompt's prefill alone, plain and with ``policy`` at 0.2, ``repeats`` interleaved pairs: the medians
+    and the median of each pair's own relative difference (the drift between pairs cancels)."""
+    plain_t, comp_t = prefill_seconds(llm, ids, [{"enabled": False}, {"policy": policy, "budget": 0.2}], repeats)
+    return {"prefill_plain_s": statistics.median(plain_t), "prefill_compressed_s": statistics.median(comp_t),
+            "overhead_pct": 100 * statistics.median((c - p) / p for c, p in zip(comp_t, plain_t)),
+            "plain_times_s": plain_t, "compressed_times_s": comp_t}
+
+
 def aggregate(name: str, runs: list[dict], plain_runs: list[dict]) -> dict:
     """One row from a configuration's rounds: medians of the rates and times, the largest peaks, the sum of the
     preemptions; ``x_plain`` is the median over rounds of the output-token rate over plain's in the same round."""
@@ -104,6 +113,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of every configuration, in turn (odd rounds in reverse order): medians are reported")
     ap.add_argument("--out", default="bench-results/serve")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only the compression overhead per prefill (--repeats interleaved pairs), to overhead.json")
     a = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -119,6 +130,15 @@ def main() -> None:
               num_gpu_blocks_override=a.blocks, max_num_seqs=max(16, a.requests),
               enable_prefix_caching=False,  # every configuration prefills every prompt (no hits from earlier runs)
               additional_config={"kvpolicy": {"enabled": False}})
+    if a.overhead_only:
+        run(llm, ids[:2], {"enabled": False}, 4)  # warm-up
+        overhead = prefill_overhead(llm, ids[0], a.policy, a.repeats)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "overhead.json").write_text(json.dumps({"policy": a.policy, "prompt_tokens": a.tokens, **overhead},
+                                                      indent=1))
+        print(json.dumps(overhead))
+        return
     configs = [("plain vLLM", {"enabled": False})] + [
         (f"{a.policy} {b}", {"policy": a.policy, "budget": float(b)}) for b in a.budgets.split(",")]
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
@@ -131,13 +151,8 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     plain_runs = runs[configs[0][0]]
     rows = [aggregate(name, runs[name], plain_runs) for name, _ in configs]
-    plain_t, comp_t = prefill_seconds(llm, ids[0], [{"enabled": False}, {"policy": a.policy, "budget": 0.2}],
-                                      a.repeats)
-    plain_p, comp_p = statistics.median(plain_t), statistics.median(comp_t)
-    overhead = {"prefill_plain_s": plain_p, "prefill_compressed_s": comp_p,
-                # the median of each repeat's own difference: the drift between repeats cancels
-                "overhead_pct": 100 * statistics.median((c - p) / p for c, p in zip(comp_t, plain_t)),
-                "plain_times_s": plain_t, "compressed_times_s": comp_t}
+    overhead = prefill_overhead(llm, ids[0], a.policy, a.repeats)
+    plain_p, comp_p = overhead["prefill_plain_s"], overhead["prefill_compressed_s"]
     print(json.dumps(overhead), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

