@@ -32,6 +32,7 @@ class ForwardInfo:
     q_len: int
     valid: Tensor | None = None  # [B, q] bool
     is_image: Tensor | None = None  # [B, q] bool
+    all_valid: bool = False  # every new token of every row is valid (checked once per forward, not per layer)
 
 
 PER_ENTRY = ("keys", "values", "positions", "valid", "is_image", "bias", "mult", "acc")
@@ -342,10 +343,12 @@ class KVPolicyLayer(DynamicLayer):
         pos = torch.arange(self.n_seen, self.n_seen + q, device=dev).expand(b, h, q)
         valid = (info.valid.to(dev) if info.valid is not None and info.valid.shape == (b, q)
                  else torch.ones(b, q, dtype=torch.bool, device=dev))
-        img = (info.is_image.to(dev) if info.is_image is not None and info.is_image.shape == (b, q)
-               else torch.zeros(b, q, dtype=torch.bool, device=dev))
+        has_img = info.is_image is not None and info.is_image.shape == (b, q)
+        img = info.is_image.to(dev) if has_img else torch.zeros(b, q, dtype=torch.bool, device=dev)
         valid = valid[:, None, :].expand(b, h, q)
         img = img[:, None, :].expand(b, h, q)
+        new_all = info.all_valid or not (info.valid is not None and info.valid.shape == (b, q))
+        was_all = self.heads is None and self.physical_length > 0 and self.all_valid()
         if self.heads is not None:
             for i, sub in enumerate(self.heads):
                 sub.append(key_states[:, i:i + 1], value_states[:, i:i + 1], info)
@@ -364,7 +367,11 @@ class KVPolicyLayer(DynamicLayer):
                 self._extend("mult", self.mult.new_ones(b, h, q))
             if self.acc is not None:
                 self._extend("acc", self.acc.new_zeros(b, h, q))
-        self.image_seen += int((valid[:, 0] & img[:, 0]).sum())
+        if self.heads is None:  # appending keeps every old slot: all valid after = all before and all new
+            fresh = self.physical_length == q
+            self.__dict__["_valid_all"] = (self.__dict__.get("_valid"), new_all and (fresh or was_all))
+        if has_img:  # (a text-only forward adds none: no reduction and sync per layer and step)
+            self.image_seen += int((valid[:, 0] & img[:, 0]).sum())
         self.n_before = self.n_seen
         self.n_seen += q
 
@@ -384,16 +391,36 @@ class KVPolicyLayer(DynamicLayer):
         # a buffer made under torch.inference_mode() cannot be written outside it (a second generate() without
         # inference mode on the same cache): move such a layer to a fresh buffer once, as after a compression
         stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
-        if (buf is None or stale or buf.data_ptr() != cur.data_ptr() or buf.stride() != cur.stride()
-                or buf.dtype != cur.dtype or buf.shape[dim] < n + q
-                or any(buf.shape[i] != cur.shape[i] for i in range(cur.dim()) if i != dim)):
+        # the view this method set last time, untouched since: it is a prefix of ``buf`` by construction
+        ours = buf is not None and cur is self.__dict__.get("_views", {}).get(name)
+        if not ours and (buf is None or stale or buf.data_ptr() != cur.data_ptr() or buf.stride() != cur.stride()
+                         or buf.dtype != cur.dtype
+                         or any(buf.shape[i] != cur.shape[i] for i in range(cur.dim()) if i != dim)) \
+                or stale or buf.shape[dim] < n + q:
             size = list(cur.shape)
             size[dim] = n + q + max(64, (n + q) // 16)
             buf = cur.new_empty(size)
             buf.narrow(dim, 0, n).copy_(cur)
             self._buffers[name] = buf
         buf.narrow(dim, n, q).copy_(new)
-        setattr(self, name, buf.narrow(dim, 0, n + q))
+        view = buf.narrow(dim, 0, n + q)
+        setattr(self, name, view)
+        self.__dict__.setdefault("_views", {})[name] = view
+
+    def all_valid(self) -> bool:
+        """Whether every slot of the layer is valid. Remembered for the very ``valid`` tensor it was found
+        for (and carried by :meth:`append`, which only adds slots): a decode step reads no validity; any
+        other assignment of ``valid`` (a compression, a ragged join, a rollback) makes it look again once."""
+        v = self.valid
+        if v is None:
+            return True
+        known = self.__dict__.get("_valid_all")
+        if known is not None and known[0] is v:
+            return known[1]
+        found = bool(v.all())
+        if self.__dict__.get("heads") is None:
+            self.__dict__["_valid_all"] = (v, found)
+        return found
 
     def attention_mask(self, q_len: int, query_valid: Tensor | None) -> Tensor | None:
         """Additive fp32 mask ``[B, Hkv or 1, q, S]`` for this forward, or None if plain causal suffices.
@@ -403,9 +430,9 @@ class KVPolicyLayer(DynamicLayer):
         """
         s = self.physical_length
         old = s - q_len
-        per_head = self.bias is not None or (old > 0 and not bool(self.valid[:, :, :old].all()))
-        new_valid = self.valid[:, 0, old:]  # [B, q]
-        pads = not bool(new_valid.all())
+        known = self.all_valid()
+        per_head = self.bias is not None or (old > 0 and not known and not bool(self.valid[:, :, :old].all()))
+        pads = not known and not bool(self.valid[:, 0, old:].all())  # (new slots: valid in every head alike)
         if not per_head and not pads and (q_len == 1 or old == 0):
             return None  # q == 1 sees everything; a fresh prefill is plain causal
         dev = self.keys.device
@@ -527,7 +554,8 @@ class KVPolicyCache(Cache):
     # --- called by the model hook (kvpolicy.integrate) before each forward
     def begin_forward(self, q_len: int, valid: Tensor | None, is_image: Tensor | None) -> None:
         """Register the new tokens of a forward; validate every layer's budget before anything changes."""
-        self._info = ForwardInfo(q_len=q_len, valid=valid, is_image=is_image)
+        self._info = ForwardInfo(q_len=q_len, valid=valid, is_image=is_image,
+                                 all_valid=valid is None or bool(valid.all()))
         if self.observing:  # reconstruction tokens are not part of the sequence: nothing is counted
             return
         if q_len > 1 and self.compressing and any(layer.thin_keys is not None for layer in self.layers):
@@ -558,7 +586,7 @@ class KVPolicyCache(Cache):
                 "use a new `with kvpolicy.compress(other_model, policy) as cache:` for another model")
         layer: KVPolicyLayer = self.layers[layer_idx]
         q = key_states.shape[-2]
-        info = self._info if self._info is not None and self._info.q_len == q else ForwardInfo(q_len=q)
+        info = self._info if self._info is not None and self._info.q_len == q else ForwardInfo(q_len=q, all_valid=True)
         if q == 1 and layer.physical_length > 0 and not layer.is_sliding:
             self._decode_step(layer)
         if self.observing:

@@ -182,3 +182,29 @@ def test_a_refused_crop_changes_no_layer(tiny_llama):
         with pytest.raises(CacheUsageError, match="layer 1: cannot remove the last 2 tokens"):
             cache.crop(-2)
         assert [layer.physical_length for layer in cache.layers] == before
+
+
+def test_layer_validity_is_remembered_only_for_the_tensor_it_was_found_for():
+    from kvpolicy.cache import ForwardInfo, KVPolicyLayer
+
+    layer = KVPolicyLayer(0)
+    kv = torch.randn(2, 3, 5, 4)
+    layer.append(kv, kv, ForwardInfo(q_len=5, valid=torch.ones(2, 5, dtype=torch.bool), all_valid=True))
+    assert layer.all_valid() and layer.attention_mask(1, None) is None
+    one = torch.randn(2, 3, 1, 4)
+    layer.append(one, one, ForwardInfo(q_len=1, all_valid=True))
+    assert layer.all_valid()  # carried by the append, no read of the validity
+    v = layer.valid.clone()
+    v[1, :, 0] = False  # a slot made invalid by assigning validity (as a compression or padding does)
+    layer.valid = v
+    assert not layer.all_valid()
+    mask = layer.attention_mask(1, None)
+    assert mask is not None and bool(torch.isinf(mask[1, ..., 0]).all()) and bool((mask[0] == 0).all())
+    layer.append(one, one, ForwardInfo(q_len=1, all_valid=True))
+    assert not layer.all_valid()  # appending valid slots does not make the old invalid one valid
+    assert layer.attention_mask(1, None) is not None
+    pads = torch.tensor([[True], [False]])
+    layer2 = KVPolicyLayer(0)
+    layer2.append(kv, kv, ForwardInfo(q_len=5, all_valid=True))
+    layer2.append(one, one, ForwardInfo(q_len=1, valid=pads, all_valid=False))
+    assert not layer2.all_valid() and layer2.attention_mask(1, None) is not None
