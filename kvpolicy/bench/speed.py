@@ -30,9 +30,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 PLAIN = "plain"
+
+
+def timed(fn: Callable[..., Any], key: str, spent: dict[str, float]) -> Callable[..., Any]:
+    """``fn`` wrapped to add the process CPU time of each call to ``spent[key]`` (a profile of named parts
+    without a profiler's per-call overhead)."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        t = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.process_time() - t
+    return run
 
 
 def rss_bytes() -> int:

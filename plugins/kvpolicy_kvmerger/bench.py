@@ -14,20 +14,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
-
-
-def _timed(fn: Callable[..., Any], key: str, spent: dict[str, float]) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        t = time.process_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent[key] = spent.get(key, 0.0) + time.process_time() - t
-    return run
 
 
 def main(argv: list[str]) -> None:
@@ -38,14 +26,14 @@ def main(argv: list[str]) -> None:
     from kvpolicy import cache as cache_mod
     from kvpolicy import models
     from kvpolicy import policy as policy_mod
-    from kvpolicy.bench.speed import PeakSampler, context_ids, rss_bytes, trim_memory
+    from kvpolicy.bench.speed import PeakSampler, context_ids, rss_bytes, timed, trim_memory
 
     n, presets = int(argv[0]), argv[1:]
     model, tok = models.load_default()
     ids = torch.tensor([context_ids(tok, n, 0)])
     spent: dict[str, float] = {}
-    policy_mod.observe.attention_colsum = _timed(policy_mod.observe.attention_colsum, "colsum_s", spent)
-    cache_mod.KVPolicyLayer.apply = _timed(cache_mod.KVPolicyLayer.apply, "apply_s", spent)
+    policy_mod.observe.attention_colsum = timed(policy_mod.observe.attention_colsum, "colsum_s", spent)
+    cache_mod.KVPolicyLayer.apply = timed(cache_mod.KVPolicyLayer.apply, "apply_s", spent)
     with torch.inference_mode():
         model(input_ids=ids[:, :64], past_key_values=DynamicCache())  # warm-up
         for name in ["plain", *presets]:
@@ -59,7 +47,7 @@ def main(argv: list[str]) -> None:
                 else:
                     policy = kvpolicy.load_policy(name, budget=0.2)
                     for step, meth in ((policy.selector, "select"), (policy.merger, "merge")):
-                        object.__setattr__(step, meth, _timed(getattr(step, meth), f"{meth}_s", spent))
+                        object.__setattr__(step, meth, timed(getattr(step, meth), f"{meth}_s", spent))
                     with kvpolicy.compress(model, policy) as cache:
                         model(input_ids=ids, cache=cache)
             row = {"policy": name, "n": n, "prefill_cpu_s": round(time.process_time() - t, 2),
