@@ -339,6 +339,10 @@ class KVPolicyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
+        if self._append_in_place(key_states, value_states, info):
+            self.n_before = self.n_seen
+            self.n_seen += q
+            return
         dev = key_states.device
         pos = torch.arange(self.n_seen, self.n_seen + q, device=dev).expand(b, h, q)
         valid = (info.valid.to(dev) if info.valid is not None and info.valid.shape == (b, q)
@@ -374,6 +378,42 @@ class KVPolicyLayer(DynamicLayer):
             self.image_seen += int((valid[:, 0] & img[:, 0]).sum())
         self.n_before = self.n_seen
         self.n_seen += q
+
+    def _append_in_place(self, key_states: Tensor, value_states: Tensor, info: ForwardInfo) -> bool:
+        """A decode step's fast path: valid text tokens appended to a dense layer whose per-entry tensors are
+        all the views :meth:`_extend` made last time, with room left in their buffers: one write per tensor,
+        no checks of what nothing changed. False (nothing done) whenever any of that does not hold."""
+        d = self.__dict__
+        views, bufs = d.get("_views"), self._buffers
+        b, h, q, _ = key_states.shape
+        if (views is None or d.get("heads") is not None or not info.all_valid or info.is_image is not None
+                or d.get("_bias") is not None or d.get("_mult") is not None or d.get("_acc") is not None
+                or (info.valid is not None and info.valid.shape != (b, q))):
+            return False
+        n = d["_keys"].shape[-2] if d.get("_keys") is not None else -1
+        for name in ("keys", "values", "positions", "valid", "is_image"):
+            cur, buf = d.get("_" + name), bufs.get(name)
+            if (buf is None or cur is None or views.get(name) is not cur or cur.shape[2] != n
+                    or buf.shape[2] < n + q or buf.shape[:2] != (b, h)):
+                return False
+        if bufs["keys"].is_inference() and not torch.is_inference_mode_enabled():
+            return False
+        was_all = self.all_valid()
+        for name, new in (("keys", key_states), ("values", value_states), ("positions", None),
+                          ("valid", True), ("is_image", False)):
+            buf = bufs[name]
+            slot = buf.narrow(2, n, q)
+            if name == "positions":
+                slot.copy_(torch.arange(self.n_seen, self.n_seen + q, device=buf.device).expand(b, h, q))
+            elif isinstance(new, bool):
+                slot.fill_(new)
+            else:
+                slot.copy_(new)
+            view = buf.narrow(2, 0, n + q)
+            d["_" + name] = view
+            views[name] = view
+        d["_valid_all"] = (d["_valid"], was_all)
+        return True
 
     def _extend(self, name: str, new: Tensor) -> None:
         """Append ``new`` along the sequence axis of attribute ``name``, in place when there is room.

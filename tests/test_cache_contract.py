@@ -208,3 +208,35 @@ def test_layer_validity_is_remembered_only_for_the_tensor_it_was_found_for():
     layer2.append(kv, kv, ForwardInfo(q_len=5, all_valid=True))
     layer2.append(one, one, ForwardInfo(q_len=1, valid=pads, all_valid=False))
     assert not layer2.all_valid() and layer2.attention_mask(1, None) is not None
+
+
+@pytest.mark.parametrize("preset", ["full", "snapkv"])
+def test_in_place_decode_appends_match_the_checked_path(preset, monkeypatch):
+    from kvpolicy.cache import KVPolicyLayer
+
+    model = make_tiny_llama()
+    ids = torch.randint(1, 128, (1, 40))
+    policy = kvpolicy.load_policy(preset) if preset == "full" else kvpolicy.load_policy(preset, budget=0.5)
+    taken = []
+    fast = KVPolicyLayer._append_in_place
+
+    def spy(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        taken.append(fast(self, *a, **k))
+        return taken[-1]
+
+    def run():
+        with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
+            out = model.generate(ids, cache=cache, max_new_tokens=80, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)  # 80 steps: past the first buffer's spare room
+            state = [(layer.keys.clone(), layer.values.clone(), layer.positions.clone(), layer.valid.clone())
+                     for layer in cache.layers]
+        return out.sequences, torch.stack(out.scores), state
+
+    monkeypatch.setattr(KVPolicyLayer, "_append_in_place", spy)
+    seq_fast, scores_fast, state_fast = run()
+    assert sum(taken) >= 2 * 70  # the fast path served most steps of both layers
+    monkeypatch.setattr(KVPolicyLayer, "_append_in_place", lambda self, *a, **k: False)
+    seq, scores, state = run()
+    assert torch.equal(seq_fast, seq) and torch.equal(scores_fast, scores)
+    for a, b in zip(state_fast, state):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
