@@ -391,13 +391,12 @@ class KVPolicyLayer(DynamicLayer):
                 or (info.valid is not None and info.valid.shape != (b, q))):
             return False
         n = d["_keys"].shape[-2] if d.get("_keys") is not None else -1
+        inference = torch.is_inference_mode_enabled()
         for name in ("keys", "values", "positions", "valid", "is_image"):
             cur, buf = d.get("_" + name), bufs.get(name)
             if (buf is None or cur is None or views.get(name) is not cur or cur.shape[2] != n
-                    or buf.shape[2] < n + q or buf.shape[:2] != (b, h)):
-                return False
-        if bufs["keys"].is_inference() and not torch.is_inference_mode_enabled():
-            return False
+                    or buf.shape[2] < n + q or buf.shape[:2] != (b, h) or (buf.is_inference() and not inference)):
+                return False  # (a buffer made under inference mode cannot be written outside it: _extend moves it)
         was_all = self.all_valid()
         for name, new in (("keys", key_states), ("values", value_states), ("positions", None),
                           ("valid", True), ("is_image", False)):
