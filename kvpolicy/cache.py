@@ -37,6 +37,7 @@ class ForwardInfo:
 
 PER_ENTRY = ("keys", "values", "positions", "valid", "is_image", "bias", "mult", "acc")
 _PAD_FILL = {"mult": 1.0}  # padding slots of a ragged layer's dense view (valid False; others 0)
+_APPEND_FILL = {"valid": True, "is_image": False, "bias": 0.0, "mult": 1.0, "acc": 0.0}  # a new valid text entry
 
 
 class _Entry:
@@ -387,27 +388,28 @@ class KVPolicyLayer(DynamicLayer):
         views, bufs = d.get("_views"), self._buffers
         b, h, q, _ = key_states.shape
         if (views is None or d.get("heads") is not None or not info.all_valid or info.is_image is not None
-                or d.get("_bias") is not None or d.get("_mult") is not None or d.get("_acc") is not None
                 or (info.valid is not None and info.valid.shape != (b, q))):
             return False
-        n = d["_keys"].shape[-2] if d.get("_keys") is not None else -1
+        names = [name for name in PER_ENTRY if d.get("_" + name) is not None]
+        if names[:5] != ["keys", "values", "positions", "valid", "is_image"]:
+            return False
+        n = d["_keys"].shape[-2]
         inference = torch.is_inference_mode_enabled()
-        for name in ("keys", "values", "positions", "valid", "is_image"):
-            cur, buf = d.get("_" + name), bufs.get(name)
-            if (buf is None or cur is None or views.get(name) is not cur or cur.shape[2] != n
+        for name in names:
+            cur, buf = d["_" + name], bufs.get(name)
+            if (buf is None or views.get(name) is not cur or cur.shape[2] != n
                     or buf.shape[2] < n + q or buf.shape[:2] != (b, h) or (buf.is_inference() and not inference)):
                 return False  # (a buffer made under inference mode cannot be written outside it: _extend moves it)
         was_all = self.all_valid()
-        for name, new in (("keys", key_states), ("values", value_states), ("positions", None),
-                          ("valid", True), ("is_image", False)):
+        for name in names:  # what the checked path appends: the new entries, then each per-entry default
             buf = bufs[name]
             slot = buf.narrow(2, n, q)
-            if name == "positions":
+            if name in ("keys", "values"):
+                slot.copy_(key_states if name == "keys" else value_states)
+            elif name == "positions":
                 slot.copy_(torch.arange(self.n_seen, self.n_seen + q, device=buf.device).expand(b, h, q))
-            elif isinstance(new, bool):
-                slot.fill_(new)
-            else:
-                slot.copy_(new)
+            else:  # valid True, is_image False, bias 0, mult 1, acc 0
+                slot.fill_(_APPEND_FILL[name])
             view = buf.narrow(2, 0, n + q)
             d["_" + name] = view
             views[name] = view
@@ -430,12 +432,9 @@ class KVPolicyLayer(DynamicLayer):
         # a buffer made under torch.inference_mode() cannot be written outside it (a second generate() without
         # inference mode on the same cache): move such a layer to a fresh buffer once, as after a compression
         stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
-        # the view this method set last time, untouched since: it is a prefix of ``buf`` by construction
-        ours = buf is not None and cur is self.__dict__.get("_views", {}).get(name)
-        if not ours and (buf is None or stale or buf.data_ptr() != cur.data_ptr() or buf.stride() != cur.stride()
-                         or buf.dtype != cur.dtype
-                         or any(buf.shape[i] != cur.shape[i] for i in range(cur.dim()) if i != dim)) \
-                or stale or buf.shape[dim] < n + q:
+        if (buf is None or stale or buf.data_ptr() != cur.data_ptr() or buf.stride() != cur.stride()
+                or buf.dtype != cur.dtype or buf.shape[dim] < n + q
+                or any(buf.shape[i] != cur.shape[i] for i in range(cur.dim()) if i != dim)):
             size = list(cur.shape)
             size[dim] = n + q + max(64, (n + q) // 16)
             buf = cur.new_empty(size)

@@ -210,7 +210,7 @@ def test_layer_validity_is_remembered_only_for_the_tensor_it_was_found_for():
     assert not layer2.all_valid() and layer2.attention_mask(1, None) is not None
 
 
-@pytest.mark.parametrize("preset", ["full", "snapkv"])
+@pytest.mark.parametrize("preset", ["full", "snapkv", "h2o", "kvmerger"])  # h2o: an accumulator; kvmerger: bias
 def test_in_place_decode_appends_match_the_checked_path(preset, monkeypatch):
     from kvpolicy.cache import KVPolicyLayer
 
