@@ -7,6 +7,8 @@ times (medians of ``--repeats`` interleaved runs after one warm-up):
   attention a plain prefill runs (PyTorch's fused flash kernel on CPU);
 - ``fused``: :func:`kvpolicy.observe.attention_with_colsum`, the attention output *and* the column sums of
   every query's softmax (what H2O, LOOK-M, Elastic Cache and KVMerger score with), in one pass;
+- ``fused-all-heads``: the same with every KV head in each chunk (the code before :func:`kvpolicy.observe.kv_head_groups`
+  split long layers into groups of KV heads), for the A/B in one process;
 - ``colsum``: :func:`kvpolicy.observe.attention_colsum` alone (the statistic without the output);
 - ``sdpa+lse``: the same kernel returning each query's log-sum-exp (what a ``-fast`` preset's prefill runs);
 - ``cosine``: :func:`kvpolicy.ops.cosine_argmax` of the last 80 % of the keys against the first 20 % (the
@@ -55,6 +57,16 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return row
 
 
+def all_heads(fn: Callable[[], object]) -> object:
+    """``fn()`` with every KV head in one group (the statistics as they were before the head groups)."""
+    saved = observe.HEAD_GROUP_BYTES
+    observe.HEAD_GROUP_BYTES = 1 << 62
+    try:
+        return fn()
+    finally:
+        observe.HEAD_GROUP_BYTES = saved
+
+
 def measure(length: int, repeats: int, strides: list[int], heads: int = 9, kv_heads: int = 3, dim: int = 64,
             ) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
@@ -67,6 +79,8 @@ def measure(length: int, repeats: int, strides: list[int], heads: int = 9, kv_he
     fns: dict[str, Callable[[], object]] = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
         "fused": lambda: observe.attention_with_colsum(q, k, v, scaling=scale, query_pos=pos, key_pos=kpos),
+        "fused-all-heads": lambda: all_heads(lambda: observe.attention_with_colsum(
+            q, k, v, scaling=scale, query_pos=pos, key_pos=kpos)),
         "colsum": lambda: observe.attention_colsum(q, k, scaling=scale, query_pos=pos, key_pos=kpos),
     }
     fns["sdpa+lse"] = lambda: sdpa_with_lse(q, k, v, None, scale, True)

@@ -8,7 +8,7 @@ over the group (GQA).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,11 @@ from kvpolicy.ops import DEFAULT_CHUNK_BYTES, chunk_rows
 #: ``Q·Kᵀ``, softmax, ``P·V`` and column reduction reuse it from the CPU's caches (measured:
 #: ``benchmarks/fused_stat.py``), large enough that a chunk amortises its Python overhead.
 STAT_CHUNK_BYTES = 8 * 1024 * 1024
+#: Queries per chunk of the statistics, at least: a chunk re-reads every key (and value) it sees, so a chunk of
+#: few queries does little work per byte read (32k tokens: 7 queries per chunk cost 2.1x SDPA, 28 cost 1.6x).
+MIN_CHUNK_QUERIES = 32
+#: Logits of such a chunk for the KV heads scored together, at most (:func:`kv_head_groups`)
+HEAD_GROUP_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,67 @@ class AttentionForm:
 
     def group(self, i: int, g: int) -> AttentionForm:
         """The form for KV head ``i``'s query group (``g`` query heads): its share of the sinks."""
+        return self.kv_heads(slice(i, i + 1), g)
+
+    def kv_heads(self, heads: slice, g: int) -> AttentionForm:
+        """The form for the query groups of the KV heads ``heads`` (``g`` query heads each)."""
         if self.sinks is None:
             return self
-        return AttentionForm(self.softcap, self.sinks[i * g:(i + 1) * g], self.window)
+        return AttentionForm(self.softcap, self.sinks[heads.start * g:heads.stop * g], self.window)
 
 
 PLAIN = AttentionForm()
+
+
+def kv_head_groups(batch: int, heads: int, kv_heads: int, entries: int, queries: int) -> list[slice]:
+    """The KV heads whose statistics are computed together: as many as keep the logits of a chunk of
+    :data:`MIN_CHUNK_QUERIES` queries (or of ``queries``, if fewer; every query head of the group, the whole
+    batch) within :data:`HEAD_GROUP_BYTES`, at least one.
+
+    A chunk's logits are written once and read by the softmax, ``P·V`` and the column sums; while they fit
+    in the CPU's caches those passes cost little, beyond them each goes to memory (measured with
+    ``benchmarks/fused_stat.py``, one thread, 9 query heads over 3 KV heads: at 32k tokens all heads together
+    cost 1.70x SDPA, one KV head at a time 1.28x; at 8k 1.29x and 1.25x; at 2k, where every head fits,
+    splitting only adds chunks: 1.12x and 1.22x)."""
+    per_head = batch * (heads // max(1, kv_heads)) * entries * 4 * min(queries, MIN_CHUNK_QUERIES)
+    n = max(1, min(kv_heads, HEAD_GROUP_BYTES // max(1, per_head)))
+    return [slice(i, min(kv_heads, i + n)) for i in range(0, kv_heads, n)]
+
+
+def _per_head_group(stat: Callable[..., Tensor], queries: Tensor, keys: Tensor, key_pos: Tensor,
+                    key_bias: Tensor | None, form: AttentionForm, **kwargs: object) -> Tensor | None:
+    """``[B, Hkv, S]``: the per-entry statistic ``stat`` (:func:`attention_colsum`, :func:`attention_colmax`) of
+    each group of :func:`kv_head_groups` in turn; None when one group holds every head."""
+    out = None
+    for hs, _, args in _head_split(queries, keys, key_pos, key_bias, form):
+        if out is None:
+            out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+        out[:, hs] = stat(**args, **kwargs)
+    return out
+
+
+def _head_split(queries: Tensor, keys: Tensor, key_pos: Tensor, key_bias: Tensor | None, form: AttentionForm,
+                values: Tensor | None = None) -> Iterator[tuple[slice, slice, dict[str, object]]]:
+    """Per group of :func:`kv_head_groups` (none when one group holds every head): ``(KV heads, query heads,
+    the arguments of a statistic restricted to them)``."""
+    b, h, q = queries.shape[:3]
+    hkv, s = keys.shape[1], keys.shape[2]
+    groups = kv_head_groups(b, h, hkv, s, q)
+    if len(groups) == 1:
+        return
+    g = h // hkv
+
+    def heads(t: Tensor, hs: slice) -> Tensor:  # a [B, 1, S] argument broadcasts over the heads
+        return t if t.shape[1] == 1 else t[:, hs]
+
+    for hs in groups:
+        qs = slice(hs.start * g, hs.stop * g)
+        args: dict[str, object] = {"queries": queries[:, qs], "keys": keys[:, hs], "key_pos": heads(key_pos, hs),
+                                   "key_bias": None if key_bias is None else heads(key_bias, hs),
+                                   "form": form.kv_heads(hs, g)}
+        if values is not None:
+            args["values"] = values[:, hs]
+        yield hs, qs, args
 
 
 def attention_colsum(
@@ -79,6 +139,10 @@ def attention_colsum(
     Returns:
         ``[B, Hkv, S]`` fp32: per KV head, the mean over its query heads of the summed attention.
     """
+    grouped = _per_head_group(attention_colsum, queries, keys, key_pos, key_bias, form, scaling=scaling,
+                              query_pos=query_pos, query_valid=query_valid, max_bytes=max_bytes)
+    if grouped is not None:
+        return grouped
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
     for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
                                  form):
@@ -243,9 +307,19 @@ def attention_with_colsum(
     b, h, q, _ = queries.shape
     hkv, dv = values.shape[1], values.shape[-1]
     g = h // hkv
-    v32 = values.detach().float()
     out = torch.empty(b, hkv, g, q, dv, dtype=queries.dtype, device=queries.device)
     acc = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device) if sums else None
+    split = False
+    for hs, _, args in _head_split(queries, keys, key_pos, key_bias, form, values):
+        split = True
+        o, a = attention_with_colsum(**args, scaling=scaling, query_pos=query_pos,  # type: ignore[arg-type]
+                                     query_valid=query_valid, max_bytes=max_bytes, sums=sums)
+        out[:, hs] = o.view(b, hs.stop - hs.start, g, q, dv)
+        if acc is not None and a is not None:
+            acc[:, hs] = a
+    if split:
+        return out.view(b, h, q, dv), acc
+    v32 = values.detach().float()
     pv_buf: Tensor | None = None  # one chunk's P·V in fp32, reused
     for lo, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
                                   form):
@@ -279,10 +353,10 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     kt = keys.detach().to(torch.float32).transpose(-1, -2)
     # at least 8 chunks (of >= 32 queries): each chunk scores only the key prefix it sees, so a few
     # queries spread over the whole sequence (a strided estimate) still skip most of the causal triangle
-    # chunks of STAT_CHUNK_BYTES, but of >= 32 queries (within max_bytes): at long contexts a chunk of few queries
-    # re-reads every key and value for little work (32k tokens: 7 queries per chunk cost 2.1x SDPA, 28 cost 1.6x)
+    # chunks of STAT_CHUNK_BYTES, but of >= MIN_CHUNK_QUERIES queries (within max_bytes)
     row = b * h * s * 4
-    step = min(chunk_rows(q, row, max_bytes), max(chunk_rows(q, row, STAT_CHUNK_BYTES), 32), max(32, -(-q // 8)))
+    step = min(chunk_rows(q, row, max_bytes), max(chunk_rows(q, row, STAT_CHUNK_BYTES), MIN_CHUNK_QUERIES),
+               max(MIN_CHUNK_QUERIES, -(-q // 8)))
     if step < q:  # keys transposed once, [B, Hkv, D, S]: every chunk's Q·Kᵀ reads a prefix of contiguous rows
         kt = kt.contiguous()  # (one chunk, e.g. an observation window, multiplies by the transposed view)
     # Buffers reused by every chunk (scaled queries, logits; the softmax runs in place): a fresh multi-MiB
@@ -373,6 +447,10 @@ def attention_colmax(
     Same arguments and chunking as :func:`attention_colsum`; KVzip's reconstruction score uses it.
     Returns ``[B, Hkv, S]`` fp32 (0 for keys no valid query sees).
     """
+    grouped = _per_head_group(attention_colmax, queries, keys, key_pos, key_bias, form, scaling=scaling,
+                              query_pos=query_pos, query_valid=query_valid, max_bytes=max_bytes)
+    if grouped is not None:
+        return grouped
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
     for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
                                  form):

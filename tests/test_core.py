@@ -151,15 +151,21 @@ def test_chunked_colsum_equals_dense_eager(tiny_llama):
     torch.testing.assert_close(got.sum(-1), valid.sum(-1, keepdim=True).float().expand(b, hkv), atol=1e-4, rtol=0)
 
 
+def _padded_gqa_layer(seed: int, b: int, h: int, hkv: int, s: int, d: int, pad: tuple[int, int]):
+    """Random queries, keys, values of one layer, positions, validity (row ``pad[0]`` left-padded by ``pad[1]``)
+    and a random logit bias (e.g. log n of merged entries), ``-inf`` on the padding."""
+    torch.manual_seed(seed)
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[pad[0], :pad[1]] = False
+    bias = torch.randn(b, hkv, s).masked_fill(~valid[:, None, :], float("-inf"))
+    return q, k, v, torch.arange(s), valid, bias
+
+
 def test_fused_attention_with_colsum_equals_dense_attention():
     """One pass gives SDPA's output (for every valid query) and the same column sums as attention_colsum."""
-    torch.manual_seed(4)
     b, h, hkv, s, d = 2, 6, 2, 29, 8
-    q, k, v = torch.randn(b, h, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
-    pos = torch.arange(s)
-    valid = torch.ones(b, s, dtype=torch.bool)
-    valid[0, :7] = False
-    bias = torch.randn(b, hkv, s).masked_fill(~valid[:, None, :], float("-inf"))  # e.g. log n of merged entries
+    q, k, v, pos, valid, bias = _padded_gqa_layer(4, b, h, hkv, s, d, pad=(0, 7))
     kw = dict(scaling=d ** -0.5, query_pos=pos.expand(b, s), key_pos=pos.expand(b, hkv, s), key_bias=bias,
               query_valid=valid, max_bytes=2048)
     out, sums = observe.attention_with_colsum(q, k, v, **kw)
@@ -172,6 +178,39 @@ def test_fused_attention_with_colsum_equals_dense_attention():
     rows = valid[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
     assert bool((out[~rows] == 0).all()), "padding queries attend to nothing"
+
+
+@pytest.mark.parametrize("per_group", [1, 2])
+def test_statistics_by_kv_head_group_equal_all_heads_at_once(monkeypatch, per_group):
+    """Long layers score a few KV heads at a time (their chunk's logits stay in the caches): the output, the column
+    sums and maxima are those of all heads at once, with GQA, padding, a bias and per-head sinks."""
+    b, h, hkv, s, d = 2, 6, 3, 41, 8
+    q, k, v, pos, valid, bias = _padded_gqa_layer(5, b, h, hkv, s, d, pad=(1, 6))
+    form = observe.AttentionForm(sinks=torch.randn(h))
+    kw = dict(scaling=d ** -0.5, query_pos=pos.expand(b, s), key_pos=pos.expand(b, hkv, s), key_bias=bias,
+              query_valid=valid, max_bytes=2048, form=form)
+    whole = (observe.attention_with_colsum(q, k, v, **kw), observe.attention_colsum(q, k, **kw),
+             observe.attention_colmax(q, k, **kw))
+    assert len(observe.kv_head_groups(b, h, hkv, s, s)) == 1
+    per_head = b * (h // hkv) * s * 4 * min(s, observe.MIN_CHUNK_QUERIES)
+    monkeypatch.setattr(observe, "HEAD_GROUP_BYTES", per_group * per_head)
+    groups = observe.kv_head_groups(b, h, hkv, s, s)
+    assert [(g.start, g.stop) for g in groups] == ([(0, 1), (1, 2), (2, 3)] if per_group == 1 else [(0, 2), (2, 3)])
+    (out, sums), cols, colmax = (observe.attention_with_colsum(q, k, v, **kw), observe.attention_colsum(q, k, **kw),
+                                 observe.attention_colmax(q, k, **kw))
+    # (a group's chunks hold more queries, so its sums add in another order: rounding only)
+    for got, want in zip((out, sums, cols, colmax), (*whole[0], whole[1], whole[2])):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # and against a dense reference: every head's own sinks join its denominator
+    g = h // hkv
+    mask = (torch.full((s, s), float("-inf")).triu(1)[None, None] + bias[:, :, None, :]).repeat_interleave(g, dim=1)
+    logits = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * d ** -0.5 + mask
+    sink = form.sinks.view(1, h, 1, 1).expand(b, h, s, 1)
+    probs = torch.softmax(torch.cat([logits, sink], -1), -1)[..., :s] * valid[:, None, :, None]
+    torch.testing.assert_close(cols, probs.sum(2).view(b, hkv, g, s).mean(2), atol=1e-5, rtol=1e-5)
+    rows = valid[:, None, :, None].expand_as(out)
+    ref = probs @ v.repeat_interleave(g, 1)
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
 
 
 def test_fused_prefill_compresses_exactly_like_sdpa_plus_statistic(tiny_llama, monkeypatch):
