@@ -7,6 +7,8 @@ Two halves, because kvpress pins an older transformers and lives in its own virt
     .venv-kvpress/bin/python benchmarks/decode_kvpress.py kvpress --out /tmp/dec   # kvpress's rows
     python benchmarks/decode_kvpress.py table --out /tmp/dec                 # the table
 
+``--rows snapkv h2o --no-limit`` times only those rows (e.g. to alternate the two halves on a noisy machine).
+
 Each row: one prefill of the prompt (Austen text, the first N tokens), then ``--new`` greedy decode steps
 timed one by one (``time.perf_counter`` around each forward), ``--threads`` torch threads (1); the median ms per
 token. Ours also times plain decoding over the first K = 0.2 N tokens (the issue's limit: a cache of K entries
@@ -54,7 +56,8 @@ def _dynamic_over(model, ids: torch.Tensor, new: int) -> float:  # noqa: ANN001
         return _time_steps(lambda t: model(input_ids=t, past_key_values=cache).logits[:, -1:].argmax(-1), first, new)
 
 
-def ours(out: Path, lengths: list[int], new: int) -> None:
+def ours(out: Path, lengths: list[int], new: int, rows_wanted: tuple[tuple[str, float], ...] = ROWS,
+         limit: bool = True) -> None:
     import kvpolicy
     from kvpolicy import data
 
@@ -65,7 +68,7 @@ def ours(out: Path, lengths: list[int], new: int) -> None:
         ids = tok(text, add_special_tokens=False)["input_ids"][:n]
         (out / f"prompt_{n}.json").write_text(json.dumps(ids))
         x = torch.tensor([ids])
-        for name, budget in ROWS:
+        for name, budget in rows_wanted:
             policy = kvpolicy.load_policy("full" if name == "plain" else name, **({} if name == "plain" else
                                                                                    {"budget": budget}))
             with torch.inference_mode(), kvpolicy.compress(model, policy) as cache:
@@ -73,6 +76,8 @@ def ours(out: Path, lengths: list[int], new: int) -> None:
                 ms = _time_steps(lambda t: model(input_ids=t, cache=cache).logits[:, -1:].argmax(-1), first, new)
             rows.append({"side": "kvpolicy", "policy": name, "budget": budget, "tokens": n, "ms_per_token": round(ms, 2)})
             print(json.dumps(rows[-1]), flush=True)
+        if not limit:
+            continue
         # the limit: plain decoding over a context of the K entries a compressed cache holds
         k = int(n * KEPT)
         with torch.inference_mode(), kvpolicy.compress(model, "full") as cache:
@@ -87,14 +92,15 @@ def ours(out: Path, lengths: list[int], new: int) -> None:
     (out / "ours.json").write_text(json.dumps(rows, indent=1))
 
 
-def kvpress_side(out: Path, lengths: list[int], new: int) -> None:
+def kvpress_side(out: Path, lengths: list[int], new: int, rows_wanted: tuple[tuple[str, float], ...] = ROWS,
+                 limit: bool = True) -> None:
     import kvpress
     from transformers import AutoModelForCausalLM, DynamicCache
 
     rows = []
     for n in lengths:
         ids = torch.tensor([json.loads((out / f"prompt_{n}.json").read_text())])
-        for name, budget in ROWS:
+        for name, budget in rows_wanted:
             attn = "eager" if name == "h2o" else "sdpa"
             model = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32, attn_implementation=attn)
             press = {"plain": None, "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=1 - budget),
@@ -117,6 +123,8 @@ def kvpress_side(out: Path, lengths: list[int], new: int) -> None:
                 ms = _time_steps(step, first, new)
             rows.append({"side": "kvpress", "policy": name, "budget": budget, "tokens": n, "ms_per_token": round(ms, 2)})
             print(json.dumps(rows[-1]), flush=True)
+        if not limit:
+            continue
         # the same limit in kvpress's environment: its transformers' DynamicCache over the first K tokens
         k = int(n * KEPT)
         model = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32, attn_implementation="sdpa")
@@ -153,14 +161,19 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2000, 8000])
     ap.add_argument("--new", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", nargs="+", choices=[name for name, _ in ROWS], default=[name for name, _ in ROWS],
+                    help="the rows to time (default: all)")
+    ap.add_argument("--limit", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the limit rows (plain decoding and DynamicCache over K tokens)")
     a = ap.parse_args()
+    rows = tuple(r for r in ROWS if r[0] in a.rows)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.half == "ours":
-        ours(out, a.lengths, a.new)
+        ours(out, a.lengths, a.new, rows, a.limit)
     elif a.half == "kvpress":
-        kvpress_side(out, a.lengths, a.new)
+        kvpress_side(out, a.lengths, a.new, rows, a.limit)
     else:
         table(out)
     sys.stdout.flush()
