@@ -79,36 +79,38 @@ def _per_head_group(stat: Callable[..., Tensor], queries: Tensor, keys: Tensor, 
                     key_bias: Tensor | None, form: AttentionForm, **kwargs: object) -> Tensor | None:
     """``[B, Hkv, S]``: the per-entry statistic ``stat`` (:func:`attention_colsum`, :func:`attention_colmax`) of
     each group of :func:`kv_head_groups` in turn; None when one group holds every head."""
-    out = None
-    for hs, _, args in _head_split(queries, keys, key_pos, key_bias, form):
-        if out is None:
-            out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    parts = _head_split(queries, keys, key_pos, key_bias, form)
+    if not parts:
+        return None
+    out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for hs, args in parts:
         out[:, hs] = stat(**args, **kwargs)
     return out
 
 
 def _head_split(queries: Tensor, keys: Tensor, key_pos: Tensor, key_bias: Tensor | None, form: AttentionForm,
-                values: Tensor | None = None) -> Iterator[tuple[slice, slice, dict[str, object]]]:
-    """Per group of :func:`kv_head_groups` (none when one group holds every head): ``(KV heads, query heads,
-    the arguments of a statistic restricted to them)``."""
+                values: Tensor | None = None) -> list[tuple[slice, dict[str, object]]]:
+    """Per group of :func:`kv_head_groups` (none when one group holds every head): ``(KV heads, the arguments
+    of a statistic restricted to them)``."""
     b, h, q = queries.shape[:3]
     hkv, s = keys.shape[1], keys.shape[2]
     groups = kv_head_groups(b, h, hkv, s, q)
     if len(groups) == 1:
-        return
+        return []
     g = h // hkv
 
     def heads(t: Tensor, hs: slice) -> Tensor:  # a [B, 1, S] argument broadcasts over the heads
         return t if t.shape[1] == 1 else t[:, hs]
 
+    parts = []
     for hs in groups:
-        qs = slice(hs.start * g, hs.stop * g)
-        args: dict[str, object] = {"queries": queries[:, qs], "keys": keys[:, hs], "key_pos": heads(key_pos, hs),
-                                   "key_bias": None if key_bias is None else heads(key_bias, hs),
-                                   "form": form.kv_heads(hs, g)}
+        args: dict[str, object] = {"queries": queries[:, hs.start * g:hs.stop * g], "keys": keys[:, hs],
+                                   "key_pos": heads(key_pos, hs), "form": form.kv_heads(hs, g),
+                                   "key_bias": None if key_bias is None else heads(key_bias, hs)}
         if values is not None:
             args["values"] = values[:, hs]
-        yield hs, qs, args
+        parts.append((hs, args))
+    return parts
 
 
 def attention_colsum(
@@ -309,15 +311,14 @@ def attention_with_colsum(
     g = h // hkv
     out = torch.empty(b, hkv, g, q, dv, dtype=queries.dtype, device=queries.device)
     acc = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device) if sums else None
-    split = False
-    for hs, _, args in _head_split(queries, keys, key_pos, key_bias, form, values):
-        split = True
+    parts = _head_split(queries, keys, key_pos, key_bias, form, values)
+    for hs, args in parts:
         o, a = attention_with_colsum(**args, scaling=scaling, query_pos=query_pos,  # type: ignore[arg-type]
                                      query_valid=query_valid, max_bytes=max_bytes, sums=sums)
         out[:, hs] = o.view(b, hs.stop - hs.start, g, q, dv)
         if acc is not None and a is not None:
             acc[:, hs] = a
-    if split:
+    if parts:
         return out.view(b, h, q, dv), acc
     v32 = values.detach().float()
     pv_buf: Tensor | None = None  # one chunk's P·V in fp32, reused
