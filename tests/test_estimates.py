@@ -205,3 +205,45 @@ def test_fast_presets_read_the_prefill_kernels_log_sum_exp(monkeypatch):
         model(input_ids=ids, **cache_kwargs(model, cache))
     assert seen == [True] * len(cache.layers)
     assert all(layer.query_lse is None for layer in cache.layers)  # dropped after the compression
+
+
+@pytest.mark.parametrize("q_len,prefix,band,block", [(300, 0, 64, 32), (97, 45, 64, 32), (130, 7, 50, 16),
+                                                      (5, 200, 64, 32), (64, 0, 8, 32), (700, 90, 64, 16)])
+def test_the_blocked_estimate_equals_the_position_masked_one(q_len, prefix, band, block, monkeypatch):
+    """Where positions are slots, the blocked estimate (augmented products, exp2) gives what the position-masked
+    form gives, band and sampled part: GQA, two rows, queries after earlier entries, finite and ``-inf`` key
+    biases, invalid queries, a band narrower than a block, groups of blocks and tiles of keys that do not divide."""
+    gen = torch.Generator().manual_seed(q_len + prefix)
+    s = q_len + prefix
+    q = torch.randn(2, 6, q_len, 8, generator=gen) * 2
+    k = torch.randn(2, 2, s, 8, generator=gen) * 2
+    pos = torch.arange(s)[None].repeat(2, 1)
+    pos[1] -= 3  # a row offset: positions are slots plus a constant
+    bias = torch.randn(2, 2, s, generator=gen)
+    bias[1, :, :3] = float("-inf")
+    # each query's log-sum-exp over the entries it sees (-inf for one that sees only hidden entries)
+    logits = (q @ k.repeat_interleave(3, 1).transpose(-1, -2)) * 8 ** -0.5 + bias.repeat_interleave(3, 1)[:, :, None]
+    hidden = pos[:, None, None, :] > pos[:, None, s - q_len:, None]
+    lse = logits.masked_fill(hidden, float("-inf")).logsumexp(-1)
+    valid = torch.ones(2, q_len, dtype=torch.bool)
+    valid[0, : q_len // 3] = False
+    kw = dict(stride=5, scaling=8 ** -0.5, query_pos=pos[:, s - q_len:],
+              key_pos=pos[:, None].expand(2, 2, s).contiguous(), key_bias=bias, query_valid=valid, lse=lse, band=band)
+    assert observe._slots_are_positions(kw["query_pos"], kw["key_pos"], bias, valid)
+    monkeypatch.setattr(observe, "BAND_BLOCK", block)
+    monkeypatch.setattr(observe, "BAND_GROUP", 3)
+    monkeypatch.setattr(observe, "FAR_TILE", 100)
+    blocked = observe.estimated_colsum(q, k, **kw)
+    est = observe._BlockedEstimate(q, k, lse, 8 ** -0.5, bias, valid, band)
+    band_only = est.band().masked_fill(bias.isneginf(), 0.0)
+    monkeypatch.setattr(observe, "_slots_are_positions", lambda *a: False)
+    torch.testing.assert_close(blocked, observe.estimated_colsum(q, k, **kw), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(band_only, observe._band_colsum(q, k, lse, 8 ** -0.5, kw["query_pos"], kw["key_pos"],
+                                                               bias, valid, band), rtol=2e-5, atol=1e-6)
+
+
+def test_positions_with_gaps_take_the_position_masked_band():
+    """Entries with a gap in their positions (an earlier chunk compressed) are not "slots plus an offset"."""
+    kpos = torch.cat([torch.arange(10), torch.arange(20, 40)])[None, None]
+    assert not observe._slots_are_positions(torch.arange(20, 40)[None], kpos, None, None)
+    assert observe._slots_are_positions(torch.arange(20, 40)[None], kpos[..., 10:], None, None)
