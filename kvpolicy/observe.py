@@ -18,8 +18,10 @@ from kvpolicy.ops import DEFAULT_CHUNK_BYTES, chunk_rows
 
 #: Logits per query chunk of the statistics (all heads of the batch), at most: small enough that a chunk's
 #: ``Q·Kᵀ``, softmax, ``P·V`` and column reduction reuse it from the CPU's caches (measured:
-#: ``benchmarks/fused_stat.py``), large enough that a chunk amortises its Python overhead.
-STAT_CHUNK_BYTES = 8 * 1024 * 1024
+#: ``benchmarks/fused_stat.py``), large enough that a chunk amortises its Python overhead. Measured at 8k
+#: tokens (SmolLM2's heads, one KV head per product): a ``Q·Kᵀ`` writing 255 x 8 075 logits (8 MiB) runs at
+#: 44 GFLOP/s, 96 x 8 075 at 71; the fused pass took 1.37-1.49x SDPA with 8 MiB, 1.21-1.35x with 2 MiB.
+STAT_CHUNK_BYTES = 2 * 1024 * 1024
 #: Queries per chunk of the statistics, at least: a chunk re-reads every key (and value) it sees, so a chunk of
 #: few queries does little work per byte read (32k tokens: 7 queries per chunk cost 2.1x SDPA, 28 cost 1.6x).
 MIN_CHUNK_QUERIES = 32
