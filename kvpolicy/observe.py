@@ -148,9 +148,9 @@ def attention_colsum(
     if grouped is not None:
         return grouped
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
-                                 form):
-        out[..., : probs.shape[-1]] += group_colsum(probs)
+    for _, probs, inv in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
+                                      form, deferred=True):
+        out[..., : probs.shape[-1]] += group_colsum(probs, inv)
     return out
 
 
@@ -202,11 +202,11 @@ def estimated_colsum(
     near = 0 if lse is None or not form.plain or not sorted_keys else band
     blocked = bool(near) and _slots_are_positions(query_pos, key_pos, key_bias, query_valid)
     if blocked:  # positions are slots: both parts from one set of augmented keys (see _BlockedEstimate)
-        est = _BlockedEstimate(queries, keys, lse, scaling, key_bias, query_valid, near)
+        est = _BlockedEstimate(queries, keys, lse, scaling, key_bias, query_valid, min(near, keys.shape[2]))
         sums = est.far(pick, query_pos[:, pick], key_pos)
     else:
         sums = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-        for lo, probs in _prob_chunks(queries[:, :, pick], keys, scaling, query_pos[:, pick], key_pos, key_bias,
+        for lo, probs, _ in _prob_chunks(queries[:, :, pick], keys, scaling, query_pos[:, pick], key_pos, key_bias,
                                       qv, DEFAULT_CHUNK_BYTES, form):
             n = probs.shape[-1]
             if near:  # the band is exact below: the sample stands for the farther pairs only
@@ -269,9 +269,10 @@ def _slots_are_positions(query_pos: Tensor, key_pos: Tensor, key_bias: Tensor | 
     slots = torch.arange(s, device=key_pos.device)
     off = key_pos - slots  # [B, Hkv, S]
     qoff = query_pos - slots[s - q:]  # [B, Q]
-    ref = qoff[:, -1:]  # [B, 1]: the last query is valid in any row that has one
     kv = torch.ones_like(off, dtype=torch.bool) if key_bias is None else ~key_bias.isneginf()
     qv = torch.ones_like(qoff, dtype=torch.bool) if query_valid is None else query_valid
+    last = torch.where(qv, torch.arange(q, device=qv.device), 0).amax(-1, keepdim=True)  # a row's last valid query
+    ref = qoff.gather(1, last)  # [B, 1]: its offset, which every valid query and entry must share
     return bool(((off == ref[:, :, None]) | ~kv).all() and ((qoff == ref) | ~qv).all())
 
 
@@ -359,8 +360,9 @@ class _BlockedEstimate:
             j1 = min(nblk, j0 + BAND_GROUP)
             q0, q1 = j0 * c, min(q, j1 * c)
             part = qa[:, :, : (j1 - j0) * c]
-            if q1 - q0 < part.shape[2]:  # the last block's missing queries: rows of zeros, weight 0
+            if q1 - q0 < part.shape[2]:  # the last block's missing queries: rows (0, 0, log2e), weight 0
                 part.zero_()
+                part[..., d + 1] = _LOG2E  # (0 there would make 0 * -inf = NaN on a hidden entry)
             live = self._queries(slice(q0, q1), part[:, :, :q1 - q0])
             every = bool(live.all()) and q1 - q0 == part.shape[2]
             weight = None
@@ -449,12 +451,13 @@ def _head_matmul(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def group_colsum(probs: Tensor) -> Tensor:
+def group_colsum(probs: Tensor, inv: Tensor | None = None) -> Tensor:
     """``[B, Hkv, g, c, n]`` probabilities -> ``[B, Hkv, n]``: summed over the chunk's queries (one
     matrix-vector product per query head, a single read of the chunk), then averaged over the group's
-    query heads (so a group of identical heads gives exactly its head's sums)."""
-    ones = probs.new_ones((1, 1, 1, 1, probs.shape[3]))
-    return torch.matmul(ones, probs).squeeze(3).mean(dim=2)
+    query heads (so a group of identical heads gives exactly its head's sums). With ``inv [B, Hkv, g, c, 1]``,
+    ``probs`` are unnormalised and each query's row is weighted by its ``inv`` in the same product."""
+    w = probs.new_ones((1, 1, 1, 1, probs.shape[3])) if inv is None else inv.transpose(-1, -2)
+    return torch.matmul(w, probs).squeeze(3).mean(dim=2)
 
 
 def attention_with_colsum(
@@ -499,25 +502,33 @@ def attention_with_colsum(
         return out.view(b, h, q, dv), acc
     v32 = values.detach().float()
     pv_buf: Tensor | None = None  # one chunk's P·V in fp32, reused
-    for lo, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
-                                  form):
+    for lo, probs, inv in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
+                                       form, deferred=True):
         c, n = probs.shape[3], probs.shape[4]
         # [B, Hkv, g*c, n] @ [B, Hkv, n, Dv]: one matmul per KV head, no broadcast over the group
         if pv_buf is None:
             pv_buf = torch.empty(b * hkv * g * c * dv, dtype=torch.float32, device=keys.device)
         pv = pv_buf[: b * hkv * g * c * dv].view(b, hkv, g * c, dv)
         _head_matmul(probs.view(b, hkv, g * c, n), v32[:, :, :n], out=pv)
+        if inv is not None:  # the softmax's division, on the [c, Dv] output instead of the [c, n] probabilities
+            pv.view(b, hkv, g, c, dv).mul_(inv)
         out[:, :, :, lo: lo + c] = pv.view(b, hkv, g, c, dv)
         if acc is not None:
-            acc[..., :n] += group_colsum(probs)
+            acc[..., :n] += group_colsum(probs, inv)
     return out.view(b, h, q, dv), acc
 
 
 def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tensor, key_pos: Tensor,
                  key_bias: Tensor | None, query_valid: Tensor | None, max_bytes: int,
-                 form: AttentionForm = PLAIN) -> Iterator[tuple[int, Tensor]]:
-    """``(first query index, softmax probabilities [B, Hkv, group, q_chunk, S'] fp32)``, one query chunk at
-    a time (0 where a query is invalid or sees nothing).
+                 form: AttentionForm = PLAIN, *, deferred: bool = False
+                 ) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+    """``(first query index, softmax probabilities [B, Hkv, group, q_chunk, S'] fp32, None)``, one query chunk
+    at a time (0 where a query is invalid or sees nothing).
+
+    ``deferred`` (a caller that reduces the probabilities linearly: ``P·V``, column sums), for a form without
+    soft-capping or sinks: the probabilities come unnormalised, ``2^(l·log2e - max)`` (``exp2`` is faster than
+    the softmax's ``exp``, and no pass divides ``[c, S']``), with each row's reciprocal sum ``[B, Hkv, group,
+    q_chunk, 1]`` (0 for an invalid or dead query) in place of None.
 
     Entries are kept in ascending position order, so the keys a chunk can see form a prefix: ``S'`` is
     the length of that prefix (keys after it are invisible to every query of the chunk), which skips
@@ -543,6 +554,10 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
     q_buf = torch.empty(b * h * step * d, dtype=torch.float32, device=keys.device)
     logits_buf = torch.empty(b * h * step * s, dtype=torch.float32, device=keys.device)
     sinks = None if form.sinks is None else form.sinks.detach().float().view(1, hkv, g, 1, 1)
+    deferred = deferred and form.softcap is None and sinks is None
+    if deferred:  # logits in log2 units: the scale and the bias times log2e
+        scaling = scaling * _LOG2E
+        key_bias = None if key_bias is None else key_bias * _LOG2E
     bounds = _chunk_prefixes(query_pos, key_pos, step, windowed=form.window is not None)
     for lo, (n, n_all) in zip(range(0, q, step), bounds):
         hi = min(q, lo + step)
@@ -562,13 +577,21 @@ def _prob_chunks(queries: Tensor, keys: Tensor, scaling: float, query_pos: Tenso
             if form.window is not None:
                 hidden |= kp <= qp - form.window
             logits[..., n_all:n].masked_fill_(hidden, float("-inf"))
-        probs = softmax_with_sinks(logits, sinks, out=logits)
-        dead = probs[..., :1].isnan()  # [B, Hkv, g, c, 1]: a query that sees nothing (an all -inf row)
+        inv = None
+        if deferred:
+            probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp2_()
+            inv = probs.sum(dim=-1, keepdim=True).reciprocal_()  # NaN for an all -inf row
+            dead = inv.isnan()
+        else:
+            probs = softmax_with_sinks(logits, sinks, out=logits)
+            dead = probs[..., :1].isnan()  # [B, Hkv, g, c, 1]: a query that sees nothing (an all -inf row)
         if query_valid is not None:
             dead = dead | ~query_valid[:, None, None, lo:hi, None]
         if bool(dead.any()):
             probs.masked_fill_(dead, 0.0)
-        yield lo, probs
+            if inv is not None:
+                inv.masked_fill_(dead, 0.0)
+        yield lo, probs, inv
 
 
 def _chunk_prefixes(query_pos: Tensor, key_pos: Tensor, step: int, *, windowed: bool) -> list[tuple[int, int]]:
@@ -630,8 +653,8 @@ def attention_colmax(
     if grouped is not None:
         return grouped
     out = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    for _, probs in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
-                                 form):
+    for _, probs, _ in _prob_chunks(queries, keys, scaling, query_pos, key_pos, key_bias, query_valid, max_bytes,
+                                    form):
         n = probs.shape[-1]
         out[..., :n] = torch.maximum(out[..., :n], probs.amax(dim=(2, 3)))
     return out

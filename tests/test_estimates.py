@@ -208,7 +208,8 @@ def test_fast_presets_read_the_prefill_kernels_log_sum_exp(monkeypatch):
 
 
 @pytest.mark.parametrize("q_len,prefix,band,block", [(300, 0, 64, 32), (97, 45, 64, 32), (130, 7, 50, 16),
-                                                      (5, 200, 64, 32), (64, 0, 8, 32), (700, 90, 64, 16)])
+                                                      (5, 200, 64, 32), (64, 0, 8, 32), (700, 90, 64, 16),
+                                                      (40, 30, 5000, 16)])
 def test_the_blocked_estimate_equals_the_position_masked_one(q_len, prefix, band, block, monkeypatch):
     """Where positions are slots, the blocked estimate (augmented products, exp2) gives what the position-masked
     form gives, band and sampled part: GQA, two rows, queries after earlier entries, finite and ``-inf`` key
@@ -235,7 +236,9 @@ def test_the_blocked_estimate_equals_the_position_masked_one(q_len, prefix, band
     monkeypatch.setattr(observe, "FAR_TILE", 100)
     blocked = observe.estimated_colsum(q, k, **kw)
     est = observe._BlockedEstimate(q, k, lse, 8 ** -0.5, bias, valid, band)
-    band_only = est.band().masked_fill(bias.isneginf(), 0.0)
+    band_raw = est.band()
+    assert bool(band_raw.isfinite().all())  # hidden entries come out tiny, never NaN (the last block's pad rows)
+    band_only = band_raw.masked_fill(bias.isneginf(), 0.0)
     monkeypatch.setattr(observe, "_slots_are_positions", lambda *a: False)
     torch.testing.assert_close(blocked, observe.estimated_colsum(q, k, **kw), rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(band_only, observe._band_colsum(q, k, lse, 8 ** -0.5, kw["query_pos"], kw["key_pos"],
@@ -247,3 +250,8 @@ def test_positions_with_gaps_take_the_position_masked_band():
     kpos = torch.cat([torch.arange(10), torch.arange(20, 40)])[None, None]
     assert not observe._slots_are_positions(torch.arange(20, 40)[None], kpos, None, None)
     assert observe._slots_are_positions(torch.arange(20, 40)[None], kpos[..., 10:], None, None)
+    # an invalid last query with a pad's position does not decide the row's offset
+    qpos, valid = torch.arange(20, 40)[None].clone(), torch.ones(1, 20, dtype=torch.bool)
+    qpos[0, -1], valid[0, -1] = 0, False
+    assert observe._slots_are_positions(qpos, kpos[..., 10:], None, valid)
+    assert not observe._slots_are_positions(qpos, kpos[..., 10:], None, None)

@@ -72,7 +72,7 @@ def weighted_attention(ctx: CompressionContext, weights: Tensor) -> Tensor:
     q = ctx._need_queries("the cascade's attention EMA")
     out = torch.zeros(ctx.shape[0], 1, ctx.shape[2], dtype=torch.float32, device=ctx.keys.device)
     qvalid = weights > 0
-    for lo, probs in observe._prob_chunks(q, ctx.keys, ctx.scaling, ctx.query_pos, ctx.positions, ctx.key_bias,
+    for lo, probs, _ in observe._prob_chunks(q, ctx.keys, ctx.scaling, ctx.query_pos, ctx.positions, ctx.key_bias,
                                           qvalid, ops.DEFAULT_CHUNK_BYTES, ctx.form):
         c, n = probs.shape[3], probs.shape[4]
         w = weights[:, lo:lo + c].float()[:, None, None, :, None]  # [B, 1, 1, c, 1]
