@@ -207,7 +207,7 @@ def estimated_colsum(
     else:
         sums = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
         for lo, probs, _ in _prob_chunks(queries[:, :, pick], keys, scaling, query_pos[:, pick], key_pos, key_bias,
-                                      qv, DEFAULT_CHUNK_BYTES, form):
+                                         qv, DEFAULT_CHUNK_BYTES, form):
             n = probs.shape[-1]
             if near:  # the band is exact below: the sample stands for the farther pairs only
                 qp = query_pos[:, pick][:, lo:lo + probs.shape[3]]
@@ -380,7 +380,7 @@ class _BlockedEstimate:
                                        kh.storage_offset() + (first + j0 * c) * da)
                     probs = torch.bmm(kw, blocks[bi, hi].transpose(1, 2))
                     probs.clamp_(-_LOG2_CLAMP, _LOG2_CLAMP).exp2_().mul_(mask)
-                    sums = probs.sum(-1) if weight is None else torch.bmm(probs, weight[bi, hi]).squeeze(-1)
+                    sums = _row_sums(probs, None if weight is None else weight[bi, hi])
                     # block j's window is rows first + (j + t) c ...: add it block by block
                     for t in range(nb + 1):
                         lo = first + (j0 + t) * c
@@ -420,9 +420,14 @@ class _BlockedEstimate:
                     m0 = max(t0, n_all)
                     near = key_pos[:, :, m0:t1, None] > pick_pos[:, None, None, lo:hi] - self.width
                     probs.view(b, hkv, t1 - t0, g, c)[:, :, m0 - t0:].masked_fill_(near[:, :, :, None], 0.0)
-                part = probs.sum(-1) if weight is None else torch.bmm(probs, weight).squeeze(-1)
+                part = _row_sums(probs, weight)
                 sums.view(b * hkv, s)[:, t0:t1] += part
         return sums.div_(g)
+
+
+def _row_sums(probs: Tensor, weight: Tensor | None) -> Tensor:
+    """``[N, R, C] -> [N, R]``: each row summed over its ``C`` queries, or weighted by ``weight [N, C, 1]``."""
+    return probs.sum(-1) if weight is None else torch.bmm(probs, weight).squeeze(-1)
 
 
 def _queries_seeing(query_pos: Tensor, query_valid: Tensor | None, key_pos: Tensor) -> Tensor:

@@ -73,7 +73,7 @@ def weighted_attention(ctx: CompressionContext, weights: Tensor) -> Tensor:
     out = torch.zeros(ctx.shape[0], 1, ctx.shape[2], dtype=torch.float32, device=ctx.keys.device)
     qvalid = weights > 0
     for lo, probs, _ in observe._prob_chunks(q, ctx.keys, ctx.scaling, ctx.query_pos, ctx.positions, ctx.key_bias,
-                                          qvalid, ops.DEFAULT_CHUNK_BYTES, ctx.form):
+                                             qvalid, ops.DEFAULT_CHUNK_BYTES, ctx.form):
         c, n = probs.shape[3], probs.shape[4]
         w = weights[:, lo:lo + c].float()[:, None, None, :, None]  # [B, 1, 1, c, 1]
         out[:, 0, :n] += (probs * w).sum(3).mean(dim=(1, 2))  # sum over queries, mean over query heads

@@ -58,7 +58,7 @@ def relative_window_max(ctx: CompressionContext, window: int) -> Tensor:
     seen = (valid.unsqueeze(2) & (ctx.positions[:, :1, None, :] <= qpos[:, None, :, None])).sum(-1)  # [B, 1, w]
     out = torch.zeros(ctx.shape, dtype=torch.float32, device=ctx.keys.device)
     for lo, probs, _ in observe._prob_chunks(q, ctx.keys, ctx.scaling, qpos, ctx.positions, ctx.key_bias, qvalid,
-                                          ops.DEFAULT_CHUNK_BYTES, ctx.form):
+                                             ops.DEFAULT_CHUNK_BYTES, ctx.form):
         c, n = probs.shape[3], probs.shape[4]
         t = seen[:, :, lo:lo + c].float()[:, :, None, :, None]  # [B, 1, 1, c, 1]
         rel = (probs * t).amax(dim=(2, 3))  # max over the group and the chunk's queries

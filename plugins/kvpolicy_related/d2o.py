@@ -89,7 +89,7 @@ def row_density_sum(queries: Tensor, keys: Tensor, *, scaling: float, query_pos:
     total = torch.zeros(b, dtype=torch.float32, device=keys.device)
     count = torch.zeros(b, dtype=torch.float32, device=keys.device)
     for lo, probs, _ in observe._prob_chunks(queries, keys, scaling, query_pos, key_pos, bias, qv,
-                                          ops.DEFAULT_CHUNK_BYTES, form):
+                                             ops.DEFAULT_CHUNK_BYTES, form):
         c = probs.shape[3]
         sq = probs.square().sum(-1)  # [B, Hkv, g, c]
         t = seen[:, 0, lo:lo + c].float()  # [B, c]

@@ -72,7 +72,7 @@ def post_vision_density(ctx: CompressionContext, threshold: float) -> Tensor:
     dense = torch.zeros(b, dtype=torch.float64, device=q.device)
     seen = torch.zeros(b, dtype=torch.float64, device=q.device)
     for lo, probs, _ in observe._prob_chunks(q, ctx.keys, ctx.scaling, ctx.query_pos, ctx.positions, ctx.key_bias,
-                                          post, ops.DEFAULT_CHUNK_BYTES, ctx.form):
+                                             post, ops.DEFAULT_CHUNK_BYTES, ctx.form):
         c, n = probs.shape[3], probs.shape[4]
         ok = post[:, lo:lo + c]  # [B, c]
         top = probs.amax(-1, keepdim=True)
